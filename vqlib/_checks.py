@@ -1,0 +1,114 @@
+"""Validation at the public boundary: one message format, raised before any tracing work.
+
+Every check names the argument, says what was expected and what arrived, and how to fix it.
+Value checks (finite, in range) run only on concrete arrays; under `jit`/`vmap` the inputs are
+tracers and only shapes and dtypes can be checked.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True when `x` holds values we can inspect on the host (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_float_array(x, name: str, *, ndim: int | None = None) -> jax.Array:
+    """Returns `x` as a JAX array after checking it is a finite floating array of rank `ndim`."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}; convert it with {name}.astype('float32')"
+        )
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-D, got shape {tuple(x.shape)}"
+            + ("; reshape it to (n, d) or use jax.vmap for a batch of problems" if ndim == 2 else "")
+        )
+    check_finite(x, name)
+    return jnp.asarray(x)
+
+
+def check_finite(x, name: str) -> None:
+    if not is_concrete(x):
+        return
+    finite = np.isfinite(np.asarray(x, dtype=np.float32))
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        raise ValueError(
+            f"{name} contains {len(bad)} NaN or inf values (first at index {tuple(int(i) for i in bad[0])}); "
+            f"remove or impute them before fitting or encoding"
+        )
+
+
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Returns `value` as a Python int after checking `low <= value <= high`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def check_num_codes(k, n: int, name: str = "k") -> int:
+    k = check_int(k, name, low=1)
+    if k > n:
+        raise ValueError(f"{name}={k} is larger than the number of vectors n={n}; use {name} <= {n} or more data")
+    return k
+
+
+def check_nonnegative_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_dim(x, d: int, name: str = "x") -> None:
+    if x.shape[-1] != d:
+        raise ValueError(
+            f"{name} has dimension {x.shape[-1]} but the codebook was fitted on d={d}; "
+            f"pass vectors of shape (..., {d})"
+        )
+
+
+def check_sample_weight(sample_weight, n: int) -> jax.Array:
+    """Returns float32 weights of shape (n,); ones when `sample_weight` is None."""
+    if sample_weight is None:
+        return jnp.ones((n,), jnp.float32)
+    w = check_float_array(sample_weight, "sample_weight", ndim=1)
+    if w.shape[0] != n:
+        raise ValueError(f"sample_weight must have shape ({n},) to match x, got {tuple(w.shape)}")
+    if is_concrete(w):
+        wn = np.asarray(w, dtype=np.float64)
+        if (wn < 0).any():
+            raise ValueError("sample_weight must be >= 0 everywhere; drop the rows instead of giving negative weight")
+        if wn.sum() <= 0:
+            raise ValueError("sample_weight sums to 0: at least one point needs a positive weight")
+    return w.astype(jnp.float32)
+
+
+def check_codes(codes, num_codes: int, shape: tuple[int, ...] | None = None, name: str = "codes") -> jax.Array:
+    """Checks integer codes in [0, num_codes) with the expected trailing shape."""
+    if not hasattr(codes, "dtype"):
+        codes = np.asarray(codes)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {codes.dtype}")
+    if shape is not None and tuple(codes.shape[codes.ndim - len(shape) :]) != shape:
+        raise ValueError(f"{name} must have trailing shape {shape} for this codebook, got {tuple(codes.shape)}")
+    if is_concrete(codes) and codes.size:
+        c = np.asarray(codes)
+        lo, hi = int(c.min()), int(c.max())
+        if lo < 0 or hi >= num_codes:
+            raise ValueError(f"{name} must lie in [0, {num_codes}) for this codebook, got values in [{lo}, {hi}]")
+    return jnp.asarray(codes).astype(jnp.int32)

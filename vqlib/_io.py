@@ -1,0 +1,193 @@
+"""One on-disk format for every vqlib object: safetensors plus a JSON tree in its header.
+
+Layout of a `.vq` file (a valid safetensors file, no pickle, memory-mappable):
+- tensors: every array leaf, named by its path in the pytree (`centroids`, `stats.inertia`);
+- header metadata: `format` ("vqlib"), `format_version`, `type` (the root type's name),
+  `tree` (JSON: type names, static fields, and for each leaf its tensor name and dtype) and
+  `checksum` (sha256 over the tree and every tensor's name, dtype, shape and bytes).
+
+Writes are atomic: a temporary file in the target folder, fsync, then rename over the target,
+so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from vqlib._types import REGISTERED_TYPES
+
+FORMAT = "vqlib"
+FORMAT_VERSION = 1
+# numpy dtypes safetensors cannot store directly: saved as a same-width unsigned view.
+_VIEWED = {"bfloat16": np.uint16}
+
+
+def _type_name(obj) -> str | None:
+    for name, cls in REGISTERED_TYPES.items():
+        if type(obj) is cls:
+            return name
+    return None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _encode(obj, path: str, tensors: dict[str, np.ndarray]):
+    """Returns the JSON node for `obj`, adding its array leaves to `tensors`."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    if isinstance(obj, (tuple, list)):
+        return {"list": [_encode(v, _join(path, str(i)), tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"cannot save a dict with non-string keys at {path or 'the root'}")
+        return {"dict": {k: _encode(v, _join(path, k), tensors) for k, v in obj.items()}}
+    name = _type_name(obj)
+    if name is not None:
+        static, data = {}, {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("static"):
+                static[f.name] = _encode(value, _join(path, f.name), tensors)
+            else:
+                data[f.name] = _encode(value, _join(path, f.name), tensors)
+        return {"type": name, "static": static, "data": data}
+    if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
+        node = {"tensor": path}
+        if isinstance(obj, jax.Array) and jnp.issubdtype(obj.dtype, jax.dtypes.prng_key):
+            node["prng_impl"] = str(jax.random.key_impl(obj))
+            obj = jax.random.key_data(obj)
+        array = np.ascontiguousarray(np.asarray(obj))
+        node["dtype"] = array.dtype.name
+        if array.dtype.name in _VIEWED:
+            array = array.view(_VIEWED[array.dtype.name])
+        tensors[path] = array
+        return node
+    raise TypeError(
+        f"cannot save object of type {type(obj).__name__} at {path or 'the root'}: "
+        "vqlib.save writes vqlib codebooks, indexes and their arrays"
+    )
+
+
+def _decode(node, tensors):
+    if "value" in node:
+        return node["value"]
+    if "list" in node:
+        return tuple(_decode(v, tensors) for v in node["list"])
+    if "dict" in node:
+        return {k: _decode(v, tensors) for k, v in node["dict"].items()}
+    if "type" in node:
+        cls = REGISTERED_TYPES.get(node["type"])
+        if cls is None:
+            raise ValueError(
+                f"the file holds a {node['type']}, which this vqlib does not know; "
+                "import the module that defines it or upgrade vqlib"
+            )
+        fields = {k: _decode(v, tensors) for k, v in {**node["static"], **node["data"]}.items()}
+        return cls(**fields)
+    array = tensors[node["tensor"]]
+    if node["dtype"] in _VIEWED:
+        array = array.view(getattr(ml_dtypes, node["dtype"]))
+    if "prng_impl" in node:
+        return jax.random.wrap_key_data(jnp.asarray(array), impl=node["prng_impl"])
+    return jnp.asarray(array)
+
+
+def _checksum(tree_json: str, tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(tree_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype.str}|{t.shape}".encode())
+        h.update(memoryview(np.ascontiguousarray(t)).cast("B"))
+    return h.hexdigest()
+
+
+def save(path: str | os.PathLike, obj) -> None:
+    """Writes a vqlib codebook, index or compressed model to `path`, atomically.
+
+    Example:
+        >>> import vqlib, numpy as np, tempfile, os
+        >>> cb = vqlib.fit(np.random.default_rng(0).normal(size=(100, 4)).astype("float32"), "kmeans", k=3)
+        >>> path = os.path.join(tempfile.mkdtemp(), "cb.vq")
+        >>> vqlib.save(path, cb)
+        >>> bool((vqlib.load(path).centroids == cb.centroids).all())
+        True
+    """
+    if _type_name(obj) is None:
+        raise TypeError(f"vqlib.save expects a vqlib codebook or index, got {type(obj).__name__}")
+    tensors: dict[str, np.ndarray] = {}
+    tree_json = json.dumps(_encode(obj, "", tensors), sort_keys=True)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "type": _type_name(obj),
+        "tree": tree_json,
+        "checksum": _checksum(tree_json, tensors),
+    }
+    payload = safetensors.numpy.save(tensors, metadata=metadata)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".vqlib-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | os.PathLike, *, expect: type | None = None):
+    """Reads an object written by `vqlib.save`, verifying format, version and checksum.
+
+    Args:
+        path: a file written by `vqlib.save`.
+        expect: if given, the type the file must hold (e.g. `vqlib.codebooks.KMeansCodebook`).
+
+    Raises:
+        ValueError: the file is truncated, corrupted, not a vqlib file, from a newer format
+            version, or holds another type than `expect`.
+    """
+    path = os.fspath(path)
+    try:
+        with safetensors.safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise ValueError(f"{path} is not a readable vqlib file (truncated or corrupted?): {e}") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a vqlib file (no vqlib header); write it with vqlib.save")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} uses vqlib format version {version}, newer than this vqlib reads ({FORMAT_VERSION}); upgrade vqlib"
+        )
+    tree_json = metadata.get("tree", "")
+    if _checksum(tree_json, tensors) != metadata.get("checksum"):
+        raise ValueError(f"{path} failed its checksum: the file is corrupted; restore it from a good copy")
+    obj = _decode(json.loads(tree_json), tensors)
+    if expect is not None and type(obj) is not expect:
+        raise ValueError(f"{path} holds a {metadata['type']}, not the expected {expect.__module__}.{expect.__qualname__}")
+    return obj

@@ -1,0 +1,38 @@
+"""Shared types: the `pytree_dataclass` decorator every codebook, stats and index type uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+# Name -> class for every type that `vqlib.save` can write; filled by `pytree_dataclass`.
+REGISTERED_TYPES: dict[str, type] = {}
+
+
+def static_field(default=dataclasses.MISSING):
+    """A dataclass field that is not a leaf: hashable, part of the jit cache key, saved as JSON."""
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+def pytree_dataclass(cls):
+    """Frozen dataclass, registered as a JAX pytree (arrays are leaves) and as a savable type."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    cls = jax.tree_util.register_dataclass(cls)
+    name = f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
+    if REGISTERED_TYPES.setdefault(name, cls) is not cls:
+        raise RuntimeError(f"two pytree types registered under the name {name}")
+    return cls
+
+
+class Quantizer(NamedTuple):
+    """A quantization method as three pure functions (cf. optax.GradientTransformation).
+
+    fit(key, x, **options) -> codebook; encode(codebook, x) -> int32 codes;
+    decode(codebook, codes) -> vectors.
+    """
+
+    fit: Callable[..., Any]
+    encode: Callable[[Any, jax.Array], jax.Array]
+    decode: Callable[[Any, jax.Array], jax.Array]

@@ -1,0 +1,84 @@
+"""Tiled assignment in plain XLA: a running (min, argmin) over centroid tiles.
+
+Temporary memory is one (block_n, block_k) float32 tile per step, never (n, k). Within a tile
+the minimum is taken first and the argmin second, as the smallest column index whose distance
+equals the minimum: on XLA:CPU this is 2x faster than a variadic argmin reduction, and it gives
+the same lowest-index tie rule. Across tiles a later tile wins only when strictly smaller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tile sizes: points per step and centroids per step."""
+
+    block_n: int = 2048
+    block_k: int = 1024
+
+
+def _tile_argmin(scores: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
+    """(bn, bk) scores -> per-row (min, lowest index attaining it + offset)."""
+    best = jnp.min(scores, axis=1)
+    columns = jnp.arange(scores.shape[1], dtype=jnp.float32)[None, :]
+    first = jnp.min(jnp.where(scores == best[:, None], columns, jnp.float32(scores.shape[1])), axis=1)
+    return best, first.astype(jnp.int32) + offset
+
+
+def _dot_dtype(x, centroids):
+    low = (jnp.bfloat16, jnp.float16)
+    return x.dtype if x.dtype in low and centroids.dtype == x.dtype else jnp.float32
+
+
+def _pad_rows(a, multiple: int, value=0.0):
+    pad = -a.shape[0] % multiple
+    return a if pad == 0 else jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=value)
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def assign(x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes()) -> tuple[jax.Array, jax.Array]:
+    """Same contract as `assign_reference`; memory O(block_n * block_k) beyond inputs and outputs.
+
+    Distances are ||x||^2 - 2 x.c + ||c||^2 with the dot on the matrix units in the input dtype
+    (bfloat16/float16 when both inputs are) and float32 accumulation.
+    """
+    n, d = x.shape
+    k = centroids.shape[0]
+    dtype = _dot_dtype(x, centroids)
+    bn = min(block.block_n, n)
+    bk = min(block.block_k, k)
+    x = x.astype(dtype)
+    c = centroids.astype(dtype)
+    c32 = c.astype(jnp.float32)
+    c_norms = _pad_rows(jnp.sum(c32 * c32, axis=1), bk, jnp.inf).reshape(-1, bk)  # padded rows never win
+    c_tiles = jnp.swapaxes(_pad_rows(-2 * c, bk).reshape(-1, bk, d), 1, 2)  # (tiles, d, bk); -2 is exact
+
+    def tile_argmin(xb, j):
+        scores = jnp.dot(xb, c_tiles[j], preferred_element_type=jnp.float32) + c_norms[j][None, :]
+        return _tile_argmin(scores, j * bk)
+
+    def one_block(xb):
+        def one_tile(j, carry):
+            tile_best, tile_arg = tile_argmin(xb, j)
+            better = tile_best < carry[0]
+            return jnp.where(better, tile_best, carry[0]), jnp.where(better, tile_arg, carry[1])
+
+        best, arg = tile_argmin(xb, 0)
+        best, arg = lax.fori_loop(1, c_tiles.shape[0], one_tile, (best, arg))
+        x32 = xb.astype(jnp.float32)
+        return arg, jnp.maximum(best + jnp.sum(x32 * x32, axis=1), 0.0)
+
+    def one_step(i, out):
+        start = jnp.minimum(i * bn, n - bn)  # the last block overlaps its neighbour instead of padding x
+        block_out = one_block(lax.dynamic_slice_in_dim(x, start, bn))
+        return tuple(lax.dynamic_update_slice_in_dim(o, b, start, 0) for o, b in zip(out, block_out))
+
+    out = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
+    return lax.fori_loop(0, -(-n // bn), one_step, out)

@@ -1,0 +1,1 @@
+"""LLM weight and KV-cache compression (arrives with its issue)."""

@@ -1,0 +1,1 @@
+"""ANN indexes built from vqlib codebooks (arrives with its issue)."""
