@@ -1,0 +1,88 @@
+"""vqlib.kernels.assign against a float64 numpy oracle and against its jnp reference."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from vqlib.kernels import assign
+from vqlib.kernels.assign.reference import assign_reference
+from vqlib.kernels.assign.xla import BlockSizes
+from vqlib.kernels.assign.xla import assign as assign_xla
+
+SHAPES = [(1, 1, 8), (513, 17, 3), (1000, 1, 5), (777, 300, 33), (4096, 256, 64)]
+BLOCKS = [BlockSizes(), BlockSizes(block_n=128, block_k=64), BlockSizes(block_n=100, block_k=7)]
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def _oracle(x, c):
+    """float64 distances computed directly as sums of squared differences."""
+    x64, c64 = np.asarray(x, np.float64), np.asarray(c, np.float64)
+    d2 = ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+    return d2
+
+
+def _assert_assignments_close(codes, dists, x, c, rtol):
+    d2 = _oracle(x, c)
+    best = d2.min(1)
+    chosen = d2[np.arange(len(codes)), np.asarray(codes)]
+    scale = best + np.abs(np.asarray(x, np.float64)).sum(1) * np.abs(np.asarray(c, np.float64)).max() * 1e-3
+    # the chosen centroid is optimal up to rounding (codes are exact except near ties)
+    np.testing.assert_array_less(chosen - best, rtol * scale + 1e-6)
+    np.testing.assert_allclose(np.asarray(dists, np.float64), chosen, rtol=rtol, atol=rtol * scale.max())
+    near_tie = np.sort(d2, 1)[:, 1] - best < rtol * scale if d2.shape[1] > 1 else np.zeros(len(best), bool)
+    np.testing.assert_array_equal(np.asarray(codes)[~near_tie], d2.argmin(1)[~near_tie])
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+@pytest.mark.parametrize("n,k,d", SHAPES)
+def test_xla_matches_float64_oracle(n, k, d, block, key):
+    kx, kc = jax.random.split(key)
+    x = jax.random.normal(kx, (n, d))
+    c = jax.random.normal(kc, (k, d))
+    codes, dists = assign_xla(x, c, block=block)
+    assert codes.dtype == jnp.int32 and dists.dtype == jnp.float32
+    assert codes.shape == dists.shape == (n,)
+    _assert_assignments_close(codes, dists, x, c, TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("impl", ["xla", "reference", "auto"])
+def test_every_impl_matches_oracle_per_dtype(impl, dtype, key):
+    kx, kc = jax.random.split(key)
+    x = jax.random.normal(kx, (700, 24)).astype(dtype)
+    c = jax.random.normal(kc, (130, 24)).astype(dtype)
+    codes, dists = assign(x, c, impl=impl)
+    _assert_assignments_close(codes, dists, x.astype(jnp.float32), c.astype(jnp.float32), TOL[dtype])
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+def test_ties_go_to_the_lowest_index(block):
+    # centroid rows repeat with period 5: every point has exact ties at j, j+5, j+10, ...
+    rng = np.random.default_rng(0)
+    base = rng.integers(-3, 4, size=(5, 4)).astype(np.float32)
+    c = np.tile(base, (9, 1))
+    x = np.concatenate([base, rng.integers(-3, 4, size=(200, 4)).astype(np.float32)])
+    codes, dists = assign_xla(jnp.asarray(x), jnp.asarray(c), block=block)
+    d2 = _oracle(x, base)
+    first = d2.argmin(1)  # np.argmin returns the first minimum: lowest index within the period
+    np.testing.assert_array_equal(np.asarray(codes), first)
+    np.testing.assert_array_equal(np.asarray(dists)[:5], 0.0)
+
+
+def test_distances_are_clamped_at_zero():
+    x = jnp.full((64, 16), 1e3, jnp.float32) + jnp.arange(16, dtype=jnp.float32)[None, :] * 1e-3
+    codes, dists = assign_xla(x, x[:3])
+    assert float(dists.min()) >= 0.0
+
+
+def test_xla_equals_reference_codes_on_well_separated_data(key):
+    kx, kc = jax.random.split(key)
+    c = 10.0 * jax.random.normal(kc, (50, 16))
+    x = c[jax.random.randint(kx, (2000,), 0, 50)] + 0.01 * jax.random.normal(kx, (2000, 16))
+    np.testing.assert_array_equal(assign_xla(x, c)[0], assign_reference(x, c)[0])
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl"):
+        assign(jnp.ones((2, 2)), jnp.ones((1, 2)), impl="cuda")

@@ -1,0 +1,304 @@
+"""vqlib.save / vqlib.load: bit-exact round trips, the safetensors layout, atomic writes, bad files."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+
+import vqlib
+import vqlib._io
+from vqlib._types import pytree_dataclass, static_field
+from vqlib.codebooks import KMeansCodebook, KMeansStats
+
+
+@pytree_dataclass
+class _KeyHolder:
+    """Test-only savable type: a typed PRNG key leaf, a nested codebook and a static field."""
+
+    key: jax.Array
+    codebook: KMeansCodebook
+    tag: str = static_field("holder")
+
+
+def _leaves(obj):
+    return jax.tree_util.tree_leaves_with_path(obj)
+
+
+def _assert_bit_exact(restored, original, *, check_shape=True):
+    """Same type, same tree (static fields included) and every leaf equal byte for byte.
+
+    check_shape=False skips only the shape comparison, for the tests that are not about the
+    known scalar-shape bug (see test_scalar_leaves_keep_their_shape).
+    """
+    assert type(restored) is type(original)
+    assert jax.tree.structure(restored) == jax.tree.structure(original)
+    for (path, a), (_, b) in zip(_leaves(restored), _leaves(original), strict=True):
+        name = jax.tree_util.keystr(path)
+        if jnp.issubdtype(b.dtype, jax.dtypes.prng_key):
+            assert jnp.issubdtype(a.dtype, jax.dtypes.prng_key), name
+            assert str(jax.random.key_impl(a)) == str(jax.random.key_impl(b)), name
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype, name
+        assert a.tobytes() == b.tobytes(), name  # bytes, so NaN entries (inertia past num_iters) compare too
+        if check_shape:
+            assert a.shape == b.shape, name
+
+
+@pytest.fixture
+def codebook(key):
+    x = jax.random.normal(key, (64, 3))
+    return vqlib.fit(x, "kmeans", k=4, max_iter=5)
+
+
+@pytest.fixture
+def saved(tmp_path, codebook):
+    path = tmp_path / "cb.vq"
+    vqlib.save(path, codebook)
+    return path
+
+
+def _temp_files(folder):
+    return sorted(p.name for p in folder.glob(".vqlib-*.tmp"))
+
+
+# _io._encode stores np.ascontiguousarray(leaf), which is at least 1-D: 0-d leaves
+# (KMeansStats.num_iters, num_reseeded) come back with shape (1,). Drop these xfails (and the
+# check_shape=False below) once _io.py keeps the shape, e.g. with np.asarray(obj, order="C").
+_SCALAR_SHAPE_BUG = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="vqlib._io saves 0-d leaves as shape (1,) (np.ascontiguousarray)"
+)
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@_SCALAR_SHAPE_BUG
+def test_kmeans_round_trip_is_bit_exact(saved, codebook):
+    assert isinstance(codebook.stats, KMeansStats)
+    restored = vqlib.load(saved)
+    _assert_bit_exact(restored, codebook)
+    assert isinstance(restored.stats, KMeansStats)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
+    np.testing.assert_array_equal(vqlib.encode(restored, x), vqlib.encode(codebook, x))
+
+
+def test_kmeans_round_trip_values_and_dtypes(saved, codebook):
+    """Every byte and dtype survives, whatever the scalar-shape bug above does to shapes."""
+    restored = vqlib.load(saved)
+    _assert_bit_exact(restored, codebook, check_shape=False)
+    assert restored.centroids.shape == codebook.centroids.shape
+    assert restored.stats.inertia.shape == codebook.stats.inertia.shape
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
+    np.testing.assert_array_equal(vqlib.encode(restored, x), vqlib.encode(codebook, x))
+
+
+@_SCALAR_SHAPE_BUG
+def test_scalar_leaves_keep_their_shape(tmp_path):
+    stats = KMeansStats(inertia=jnp.zeros((2,), jnp.float32), num_iters=jnp.int32(3), num_reseeded=jnp.int32(0))
+    path = tmp_path / "stats.vq"
+    vqlib.save(path, stats)
+    restored = vqlib.load(path, expect=KMeansStats)
+    assert restored.num_iters.shape == ()
+    assert restored.num_reseeded.shape == ()
+
+
+def test_load_with_matching_expect(saved, codebook):
+    _assert_bit_exact(vqlib.load(saved, expect=KMeansCodebook), codebook, check_shape=False)
+
+
+def test_load_accepts_str_path(saved, codebook):
+    _assert_bit_exact(vqlib.load(str(saved)), codebook, check_shape=False)
+
+
+def test_bfloat16_and_prng_key_round_trip(tmp_path):
+    obj = _KeyHolder(
+        key=jax.random.key(3),
+        codebook=KMeansCodebook(centroids=jnp.arange(6, dtype=jnp.bfloat16).reshape(3, 2) / 3),
+        tag="heads-0",
+    )
+    path = tmp_path / "holder.vq"
+    vqlib.save(path, obj)
+    restored = vqlib.load(path, expect=_KeyHolder)
+    _assert_bit_exact(restored, obj)
+    assert restored.tag == "heads-0"
+    assert restored.codebook.centroids.dtype == jnp.bfloat16
+    assert restored.codebook.stats is None
+    # The restored key draws the same numbers as the original.
+    np.testing.assert_array_equal(jax.random.normal(restored.key, (4,)), jax.random.normal(obj.key, (4,)))
+
+
+# ----------------------------------------------------------------------------- file layout
+
+
+def test_file_is_valid_safetensors_with_vqlib_metadata(saved, codebook):
+    with safetensors.safe_open(saved, "numpy") as f:
+        metadata = f.metadata()
+        names = set(f.keys())
+        centroids = f.get_tensor("centroids")
+    assert {"format", "format_version", "type", "tree", "checksum"} <= set(metadata)
+    assert metadata["format"] == "vqlib"
+    assert metadata["format_version"] == str(vqlib._io.FORMAT_VERSION)
+    assert metadata["type"].endswith("KMeansCodebook")
+    assert len(metadata["checksum"]) == 64 and int(metadata["checksum"], 16) >= 0  # sha256 hex
+    tree = json.loads(metadata["tree"])
+    assert tree["data"]["centroids"]["tensor"] == "centroids"
+    assert names == {"centroids", "stats.inertia", "stats.num_iters", "stats.num_reseeded"}
+    np.testing.assert_array_equal(centroids, np.asarray(codebook.centroids))
+
+
+def test_bfloat16_is_stored_as_uint16_view(tmp_path):
+    cb = KMeansCodebook(centroids=jnp.ones((3, 2), jnp.bfloat16))
+    path = tmp_path / "bf16.vq"
+    vqlib.save(path, cb)
+    with safetensors.safe_open(path, "numpy") as f:
+        assert set(f.keys()) == {"centroids"}
+        raw = f.get_tensor("centroids")
+        tree = json.loads(f.metadata()["tree"])
+    assert raw.dtype == np.uint16
+    assert tree["data"]["centroids"]["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(raw, np.asarray(cb.centroids).view(np.uint16))
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_save_over_existing_file_replaces_it(tmp_path, saved):
+    other = KMeansCodebook(centroids=jnp.full((2, 5), 7.0, jnp.float32))
+    vqlib.save(saved, other)
+    _assert_bit_exact(vqlib.load(saved), other)
+    assert _temp_files(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cb.vq"]
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync"])
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, saved, codebook, monkeypatch, failing):
+    before = saved.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError(f"simulated {failing} failure")
+
+    monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match="simulated"):
+        vqlib.save(saved, KMeansCodebook(centroids=jnp.zeros((2, 3), jnp.float32)))
+    monkeypatch.undo()
+    assert saved.read_bytes() == before
+    assert _temp_files(tmp_path) == []
+    _assert_bit_exact(vqlib.load(saved), codebook, check_shape=False)
+
+
+@pytest.mark.xfail(strict=True, reason="vqlib._io.save renames a tempfile.mkstemp file (mode 0600) over the target")
+def test_save_gives_the_usual_file_permissions(tmp_path, saved):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_failed_first_write_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("simulated")))
+    with pytest.raises(OSError, match="simulated"):
+        vqlib.save(tmp_path / "new.vq", KMeansCodebook(centroids=jnp.zeros((2, 3), jnp.float32)))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def test_flipped_tensor_byte_fails_checksum(saved):
+    data = bytearray(saved.read_bytes())
+    data_start = 8 + int.from_bytes(data[:8], "little")
+    offset = len(data) - 3
+    assert offset >= data_start  # inside the tensor data, not the header
+    data[offset] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        vqlib.load(saved)
+
+
+def test_flipped_byte_in_every_tensor_fails_checksum(tmp_path, saved):
+    data = saved.read_bytes()
+    data_start = 8 + int.from_bytes(data[:8], "little")
+    with safetensors.safe_open(saved, "numpy") as f:
+        names = list(f.keys())
+    header = json.loads(data[8:data_start])
+    for name in names:
+        begin, _ = header[name]["data_offsets"]
+        corrupt = bytearray(data)
+        corrupt[data_start + begin] ^= 0x01
+        path = tmp_path / f"{name}.vq"
+        path.write_bytes(bytes(corrupt))
+        with pytest.raises(ValueError, match="checksum"):
+            vqlib.load(path)
+
+
+@pytest.mark.parametrize("keep", [-10, 5], ids=["last-10-bytes-cut", "5-bytes-left"])
+def test_truncated_file(saved, keep):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match="not a readable vqlib file"):
+        vqlib.load(saved)
+
+
+def test_foreign_safetensors_file(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    safetensors.numpy.save_file({"centroids": np.ones((3, 2), np.float32)}, path)
+    with pytest.raises(ValueError, match="not a vqlib file"):
+        vqlib.load(path)
+
+
+def test_foreign_safetensors_file_with_other_metadata(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    safetensors.numpy.save_file({"w": np.ones((2,), np.float32)}, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a vqlib file"):
+        vqlib.load(path)
+
+
+def test_newer_format_version(tmp_path, codebook, monkeypatch):
+    path = tmp_path / "future.vq"
+    with monkeypatch.context() as m:
+        m.setattr(vqlib._io, "FORMAT_VERSION", 999)
+        vqlib.save(path, codebook)
+    with pytest.raises(ValueError, match="upgrade"):
+        vqlib.load(path)
+
+
+def test_expect_other_type(saved):
+    with pytest.raises(ValueError, match="not the expected"):
+        vqlib.load(saved, expect=KMeansStats)
+    with pytest.raises(ValueError, match="_KeyHolder"):
+        vqlib.load(saved, expect=_KeyHolder)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [{"centroids": np.ones((3, 2), np.float32)}, np.ones((3, 2), np.float32), (jnp.ones(2),), None],
+    ids=["dict", "ndarray", "tuple", "None"],
+)
+def test_save_non_vqlib_object(tmp_path, obj):
+    path = tmp_path / "bad.vq"
+    with pytest.raises(TypeError, match="vqlib codebook or index"):
+        vqlib.save(path, obj)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_random_bytes_file(tmp_path):
+    path = tmp_path / "noise.vq"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size=512, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError):
+        vqlib.load(path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.vq"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError):
+        vqlib.load(path)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        vqlib.load(tmp_path / "does-not-exist.vq")
