@@ -29,12 +29,8 @@ def _leaves(obj):
     return jax.tree_util.tree_leaves_with_path(obj)
 
 
-def _assert_bit_exact(restored, original, *, check_shape=True):
-    """Same type, same tree (static fields included) and every leaf equal byte for byte.
-
-    check_shape=False skips only the shape comparison, for the tests that are not about the
-    known scalar-shape bug (see test_scalar_leaves_keep_their_shape).
-    """
+def _assert_bit_exact(restored, original):
+    """Same type, same tree (static fields included) and every leaf equal byte for byte, same shape."""
     assert type(restored) is type(original)
     assert jax.tree.structure(restored) == jax.tree.structure(original)
     for (path, a), (_, b) in zip(_leaves(restored), _leaves(original), strict=True):
@@ -46,8 +42,7 @@ def _assert_bit_exact(restored, original, *, check_shape=True):
         a, b = np.asarray(a), np.asarray(b)
         assert a.dtype == b.dtype, name
         assert a.tobytes() == b.tobytes(), name  # bytes, so NaN entries (inertia past num_iters) compare too
-        if check_shape:
-            assert a.shape == b.shape, name
+        assert a.shape == b.shape, name
 
 
 @pytest.fixture
@@ -67,17 +62,9 @@ def _temp_files(folder):
     return sorted(p.name for p in folder.glob(".vqlib-*.tmp"))
 
 
-# _io._encode stores np.ascontiguousarray(leaf), which is at least 1-D: 0-d leaves
-# (KMeansStats.num_iters, num_reseeded) come back with shape (1,). Drop these xfails (and the
-# check_shape=False below) once _io.py keeps the shape, e.g. with np.asarray(obj, order="C").
-_SCALAR_SHAPE_BUG = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="vqlib._io saves 0-d leaves as shape (1,) (np.ascontiguousarray)"
-)
-
 # ----------------------------------------------------------------------------- round trips
 
 
-@_SCALAR_SHAPE_BUG
 def test_kmeans_round_trip_is_bit_exact(saved, codebook):
     assert isinstance(codebook.stats, KMeansStats)
     restored = vqlib.load(saved)
@@ -90,14 +77,13 @@ def test_kmeans_round_trip_is_bit_exact(saved, codebook):
 def test_kmeans_round_trip_values_and_dtypes(saved, codebook):
     """Every byte and dtype survives, whatever the scalar-shape bug above does to shapes."""
     restored = vqlib.load(saved)
-    _assert_bit_exact(restored, codebook, check_shape=False)
+    _assert_bit_exact(restored, codebook)
     assert restored.centroids.shape == codebook.centroids.shape
     assert restored.stats.inertia.shape == codebook.stats.inertia.shape
     x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
     np.testing.assert_array_equal(vqlib.encode(restored, x), vqlib.encode(codebook, x))
 
 
-@_SCALAR_SHAPE_BUG
 def test_scalar_leaves_keep_their_shape(tmp_path):
     stats = KMeansStats(inertia=jnp.zeros((2,), jnp.float32), num_iters=jnp.int32(3), num_reseeded=jnp.int32(0))
     path = tmp_path / "stats.vq"
@@ -108,11 +94,11 @@ def test_scalar_leaves_keep_their_shape(tmp_path):
 
 
 def test_load_with_matching_expect(saved, codebook):
-    _assert_bit_exact(vqlib.load(saved, expect=KMeansCodebook), codebook, check_shape=False)
+    _assert_bit_exact(vqlib.load(saved, expect=KMeansCodebook), codebook)
 
 
 def test_load_accepts_str_path(saved, codebook):
-    _assert_bit_exact(vqlib.load(str(saved)), codebook, check_shape=False)
+    _assert_bit_exact(vqlib.load(str(saved)), codebook)
 
 
 def test_bfloat16_and_prng_key_round_trip(tmp_path):
@@ -188,10 +174,9 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, saved, codeboo
     monkeypatch.undo()
     assert saved.read_bytes() == before
     assert _temp_files(tmp_path) == []
-    _assert_bit_exact(vqlib.load(saved), codebook, check_shape=False)
+    _assert_bit_exact(vqlib.load(saved), codebook)
 
 
-@pytest.mark.xfail(strict=True, reason="vqlib._io.save renames a tempfile.mkstemp file (mode 0600) over the target")
 def test_save_gives_the_usual_file_permissions(tmp_path, saved):
     umask = os.umask(0o022)
     os.umask(umask)

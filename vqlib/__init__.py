@@ -2,6 +2,7 @@
 
 from vqlib import codebooks as codebooks
 from vqlib import kernels as kernels
+from vqlib import testing as testing
 from vqlib._fit import METHODS as METHODS
 from vqlib._fit import assign as assign
 from vqlib._fit import decode as decode

@@ -63,38 +63,41 @@ def check_int(value, name: str, *, low: int | None = None, high: int | None = No
 
 def check_num_codes(k, n: int, name: str = "k") -> int:
     k = check_int(k, name, low=1)
+    if n == 0:
+        raise ValueError("x has no rows; k-means needs at least k vectors")
     if k > n:
         raise ValueError(f"{name}={k} is larger than the number of vectors n={n}; use {name} <= {n} or more data")
     return k
 
 
 def check_nonnegative_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
-def check_dim(x, d: int, name: str = "x") -> None:
+def check_dim(x, d: int, name: str = "x", what: str = "the codebook was fitted on") -> None:
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have at least one dimension (vectors of shape (..., {d})), got a scalar")
     if x.shape[-1] != d:
-        raise ValueError(
-            f"{name} has dimension {x.shape[-1]} but the codebook was fitted on d={d}; "
-            f"pass vectors of shape (..., {d})"
-        )
+        raise ValueError(f"{name} has dimension {x.shape[-1]} but {what} d={d}; pass vectors of shape (..., {d})")
 
 
-def check_sample_weight(sample_weight, n: int) -> jax.Array:
-    """Returns float32 weights of shape (n,); ones when `sample_weight` is None."""
+def check_sample_weight(sample_weight, n: int, batch_shape: tuple[int, ...] = ()) -> jax.Array:
+    """Returns float32 weights of shape (*batch_shape, n); ones when `sample_weight` is None."""
     if sample_weight is None:
-        return jnp.ones((n,), jnp.float32)
-    w = check_float_array(sample_weight, "sample_weight", ndim=1)
-    if w.shape[0] != n:
-        raise ValueError(f"sample_weight must have shape ({n},) to match x, got {tuple(w.shape)}")
+        return jnp.ones((*batch_shape, n), jnp.float32)
+    w = check_float_array(sample_weight, "sample_weight", ndim=len(batch_shape) + 1)
+    if w.shape != (*batch_shape, n):
+        raise ValueError(f"sample_weight must have shape {(*batch_shape, n)} to match x, got {tuple(w.shape)}")
     if is_concrete(w):
         wn = np.asarray(w, dtype=np.float64)
         if (wn < 0).any():
             raise ValueError("sample_weight must be >= 0 everywhere; drop the rows instead of giving negative weight")
-        if wn.sum() <= 0:
-            raise ValueError("sample_weight sums to 0: at least one point needs a positive weight")
+        if (wn.reshape(-1, n).sum(axis=1) <= 0).any():
+            raise ValueError("sample_weight sums to 0: at least one point (per problem) needs a positive weight")
     return w.astype(jnp.float32)
 
 

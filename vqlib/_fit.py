@@ -24,7 +24,8 @@ def _quantizer_for(codebook) -> Quantizer:
     for cls, quantizer in METHODS.values():
         if type(codebook) is cls:
             return quantizer
-    raise TypeError(f"expected a vqlib codebook ({', '.join(c.__name__ for c, _ in METHODS.values())}), got {type(codebook).__name__}")
+    known = ", ".join(cls.__name__ for cls, _ in METHODS.values())
+    raise TypeError(f"expected a vqlib codebook ({known}), got {type(codebook).__name__}")
 
 
 def fit(x, method: str, *, key=None, **options):
@@ -47,7 +48,7 @@ def fit(x, method: str, *, key=None, **options):
         >>> vqlib.decode(cb, vqlib.encode(cb, x)).shape
         (500, 8)
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     fit_fn = METHODS[method][1].fit
     params = inspect.signature(fit_fn).parameters
@@ -82,7 +83,7 @@ def assign(x, centroids) -> tuple[jax.Array, jax.Array]:
     """
     x = _checks.check_float_array(x, "x", ndim=2)
     centroids = _checks.check_float_array(centroids, "centroids", ndim=2)
-    _checks.check_dim(x, centroids.shape[1])
+    _checks.check_dim(x, centroids.shape[1], what="centroids have")
     if centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one row")
     return assign_op(x, centroids)

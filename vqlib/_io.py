@@ -69,7 +69,7 @@ def _encode(obj, path: str, tensors: dict[str, np.ndarray]):
         if isinstance(obj, jax.Array) and jnp.issubdtype(obj.dtype, jax.dtypes.prng_key):
             node["prng_impl"] = str(jax.random.key_impl(obj))
             obj = jax.random.key_data(obj)
-        array = np.ascontiguousarray(np.asarray(obj))
+        array = np.asarray(obj, order="C")  # keeps 0-d shapes (ascontiguousarray would not)
         node["dtype"] = array.dtype.name
         if array.dtype.name in _VIEWED:
             array = array.view(_VIEWED[array.dtype.name])
@@ -102,6 +102,8 @@ def _decode(node, tensors):
         array = array.view(getattr(ml_dtypes, node["dtype"]))
     if "prng_impl" in node:
         return jax.random.wrap_key_data(jnp.asarray(array), impl=node["prng_impl"])
+    if array.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+        return array  # 64-bit leaves (int64 ids, float64 stats) stay numpy rather than be narrowed
     return jnp.asarray(array)
 
 
@@ -110,7 +112,7 @@ def _checksum(tree_json: str, tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{t.dtype.str}|{t.shape}".encode())
-        h.update(memoryview(np.ascontiguousarray(t)).cast("B"))
+        h.update(np.ascontiguousarray(t).tobytes())
     return h.hexdigest()
 
 
@@ -141,6 +143,9 @@ def save(path: str | os.PathLike, obj) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".vqlib-", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -178,7 +183,9 @@ def load(path: str | os.PathLike, *, expect: type | None = None):
     except Exception as e:  # safetensors raises its own error types for bad headers and short files
         raise ValueError(f"{path} is not a readable vqlib file (truncated or corrupted?): {e}") from None
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not a vqlib file (no vqlib header); write it with vqlib.save")
+        raise ValueError(
+            f"{path} is a safetensors file but not a vqlib file (no vqlib header); write it with vqlib.save"
+        )
     version = int(metadata.get("format_version", "0"))
     if version > FORMAT_VERSION:
         raise ValueError(
@@ -189,5 +196,7 @@ def load(path: str | os.PathLike, *, expect: type | None = None):
         raise ValueError(f"{path} failed its checksum: the file is corrupted; restore it from a good copy")
     obj = _decode(json.loads(tree_json), tensors)
     if expect is not None and type(obj) is not expect:
-        raise ValueError(f"{path} holds a {metadata['type']}, not the expected {expect.__module__}.{expect.__qualname__}")
+        raise ValueError(
+            f"{path} holds a {metadata['type']}, not the expected {expect.__module__}.{expect.__qualname__}"
+        )
     return obj

@@ -2,13 +2,13 @@
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import jax
-import jax.numpy as jnp
 import vqlib
 from vqlib.codebooks import _kmeans, fit_kmeans, fit_kmeans_batched
 from vqlib.testing import clustered
@@ -44,8 +44,14 @@ def test_matches_float64_lloyd(data, weighted, update):
     w = np.random.default_rng(1).uniform(0.5, 2.0, len(data)) if weighted else np.ones(len(data))
     init = data[:: len(data) // k][:k]
     cb = fit_kmeans(
-        jax.random.key(0), data, k=k, init=init, max_iter=num_iters, tol=0.0,
-        sample_weight=jnp.asarray(w, jnp.float32), update=update,
+        jax.random.key(0),
+        data,
+        k=k,
+        init=init,
+        max_iter=num_iters,
+        tol=0.0,
+        sample_weight=jnp.asarray(w, jnp.float32),
+        update=update,
     )
     want_c, want_codes = lloyd_float64(data, w, init, num_iters)
     assert int(cb.stats.num_iters) == num_iters
@@ -95,8 +101,10 @@ def test_kmeans_plus_plus_seeds_are_as_good_as_sklearns(data):
     k, x = 24, np.asarray(data)
     ours = [float(vqlib.fit(x, "kmeans", k=k, max_iter=0, key=jax.random.key(s)).stats.inertia[0]) for s in range(8)]
     theirs = [inertia64(x, kmeans_plusplus(x, k, random_state=s)[0]) for s in range(8)]
-    rand = [float(vqlib.fit(x, "kmeans", k=k, init="random", max_iter=0, key=jax.random.key(s)).stats.inertia[0])
-            for s in range(8)]
+    rand = [
+        float(vqlib.fit(x, "kmeans", k=k, init="random", max_iter=0, key=jax.random.key(s)).stats.inertia[0])
+        for s in range(8)
+    ]
     # same greedy algorithm: means agree within sampling noise, and both beat random seeds
     assert np.mean(ours) < 1.15 * np.mean(theirs)
     assert np.mean(ours) < np.mean(rand)

@@ -1,10 +1,10 @@
 """vqlib.kernels.assign against a float64 numpy oracle and against its jnp reference."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
 from vqlib.kernels import assign
 from vqlib.kernels.assign.reference import assign_reference
 from vqlib.kernels.assign.xla import BlockSizes

@@ -33,8 +33,9 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vqlib import _checks
-from vqlib._types import pytree_dataclass, static_field
+from vqlib._types import pytree_dataclass
 from vqlib.kernels import assign as assign_op
+from vqlib.kernels.assign._dispatch import check_impl
 
 INITS = ("k-means++", "random")
 UPDATES = ("auto", "sort", "scatter")
@@ -270,24 +271,25 @@ def _fit_options(x, k, init, max_iter, tol, sample_weight, init_sample_size, num
     else:
         init_array = _checks.check_float_array(init, "init", ndim=len(batch_shape) + 2)
         if init_array.shape != (*batch_shape, k, d):
-            raise ValueError(f"init must have shape {(*batch_shape, k, d)} (k centroids of dimension d), got {init_array.shape}")
+            raise ValueError(
+                f"init must have shape {(*batch_shape, k, d)} (k centroids of dimension d), got {init_array.shape}"
+            )
         init_array = init_array.astype(jnp.float32)
         init = "array"
-    if sample_weight is None:
-        w = jnp.ones((*batch_shape, n), jnp.float32)
-    elif batch_shape:
-        w = _checks.check_float_array(sample_weight, "sample_weight", ndim=2)
-        if w.shape != (*batch_shape, n):
-            raise ValueError(f"sample_weight must have shape {(*batch_shape, n)}, got {w.shape}")
-        w = w.astype(jnp.float32)
-    else:
-        w = _checks.check_sample_weight(sample_weight, n)
+    w = _checks.check_sample_weight(sample_weight, n, batch_shape)
+    check_impl(impl)
     init_sample_size = default_init_sample_size(n, k) if init_sample_size is None else init_sample_size
     init_sample_size = _checks.check_int(init_sample_size, "init_sample_size", low=k, high=n)
     num_far = min(k, n) if num_far is None else _checks.check_int(num_far, "num_far", low=1, high=n)
     static = dict(
-        k=k, init=init, init_sample_size=init_sample_size, max_iter=max_iter, tol=tol, num_far=num_far,
-        update=update, impl=impl,
+        k=k,
+        init=init,
+        init_sample_size=init_sample_size,
+        max_iter=max_iter,
+        tol=tol,
+        num_far=num_far,
+        update=update,
+        impl=impl,
     )
     return w, init_array, static
 
@@ -335,7 +337,9 @@ def fit_kmeans(
         (16, 8)
     """
     x = _checks.check_float_array(x, "x", ndim=2)
-    w, init_array, static = _fit_options(x, k, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl)
+    w, init_array, static = _fit_options(
+        x, k, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl
+    )
     axis = _sharded_axis(x)
     if axis is not None:
         return _fit_sharded(key, x, w, init_array, axis, **static)

@@ -49,7 +49,9 @@ def _padded(chunk, chunk_size: int, d: int):
     """Chunk (m, d) -> float32 (chunk_size, d) points and weights, zero weight on padding rows."""
     chunk = np.asarray(chunk)
     if chunk.ndim != 2 or chunk.shape[1] != d or not 0 < chunk.shape[0] <= chunk_size:
-        raise ValueError(f"every chunk must have shape (m, {d}) with 0 < m <= chunk_size={chunk_size}, got {chunk.shape}")
+        raise ValueError(
+            f"every chunk must have shape (m, {d}) with 0 < m <= chunk_size={chunk_size}, got {chunk.shape}"
+        )
     _checks.check_float_array(chunk, "data chunk")
     m = chunk.shape[0]
     x = np.zeros((chunk_size, d), np.float32)

@@ -1,3 +1,3 @@
 """Kernels on arrays (never codebook objects), each beside a pure-jnp reference, one dispatcher per op."""
 
-from vqlib.kernels.assign import assign as assign
+from vqlib.kernels.assign._dispatch import assign as assign

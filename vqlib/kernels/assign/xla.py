@@ -78,7 +78,7 @@ def assign(x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes
     def one_step(i, out):
         start = jnp.minimum(i * bn, n - bn)  # the last block overlaps its neighbour instead of padding x
         block_out = one_block(lax.dynamic_slice_in_dim(x, start, bn))
-        return tuple(lax.dynamic_update_slice_in_dim(o, b, start, 0) for o, b in zip(out, block_out))
+        return tuple(lax.dynamic_update_slice_in_dim(o, b, start, 0) for o, b in zip(out, block_out, strict=True))
 
     out = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
     return lax.fori_loop(0, -(-n // bn), one_step, out)

@@ -1,0 +1,207 @@
+"""k-means per-iteration cost: vqlib vs faiss-cpu Kmeans vs scikit-learn KMeans(lloyd), one process.
+
+Same data, same initial centroids, exact Lloyd everywhere (faiss subsampling off). Seconds
+per iteration are (T(iters) - T(iters_short)) / (iters - iters_short), which cancels set-up and
+the final assignment; vqlib is compiled before timing. Peak memory is the largest RSS growth
+over the process's resting RSS while a fit runs (sampled every 5 ms). The machine's float32
+matmul rate is measured in the same run, and the assignment's share of it (2 n k d flops per
+iteration) is the honest measure of how close to the limit each library runs.
+
+    python benchmarks/kmeans_cpu.py            # all shapes, writes benchmarks/results/kmeans_cpu.json
+    python benchmarks/kmeans_cpu.py --quick    # small shapes, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+
+import vqlib
+
+SHAPES = [(50_000, 64, 256), (200_000, 128, 1024), (1_000_000, 128, 1024)]
+QUICK_SHAPES = [(20_000, 32, 64), (50_000, 64, 256)]
+
+
+class PeakRSS:
+    """Context manager: the largest RSS growth (bytes) above the RSS at entry."""
+
+    def __enter__(self):
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+
+
+def matmul_rate() -> dict:
+    """float32 GFLOP/s of a 4096^3 matmul, through JAX (XLA) and through numpy (BLAS)."""
+    n = 4096
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        f(a, a).block_until_ready()
+    jax_rate = 5 * 2 * n**3 / (time.perf_counter() - start) / 1e9
+    b = np.ones((n, n), np.float32)
+    b @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        b @ b
+    np_rate = 5 * 2 * n**3 / (time.perf_counter() - start) / 1e9
+    return {"jax_gflops": jax_rate, "numpy_gflops": np_rate, "best_gflops": max(jax_rate, np_rate)}
+
+
+def inertia(x, centroids) -> float:
+    return float(np.asarray(vqlib.assign(x, np.asarray(centroids, np.float32))[1], np.float64).sum())
+
+
+def run_vqlib(x, init, iters):
+    cb = vqlib.fit(x, "kmeans", k=len(init), init=init, max_iter=iters, tol=0.0)
+    cb.centroids.block_until_ready()
+    return np.asarray(cb.centroids)
+
+
+def run_faiss(x, init, iters):
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], len(init), niter=iters, max_points_per_centroid=10**9, seed=1)
+    km.train(x, init_centroids=init)
+    return km.centroids
+
+
+def run_sklearn(x, init, iters):
+    from sklearn.cluster import KMeans
+
+    km = KMeans(len(init), init=init, n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd").fit(x)
+    assert km.n_iter_ == iters, f"sklearn stopped after {km.n_iter_} iterations"
+    return km.cluster_centers_
+
+
+PEERS = {"vqlib": run_vqlib, "faiss-cpu": run_faiss, "scikit-learn": run_sklearn}
+
+
+def bench_shape(n, d, k, iters, short, rate):
+    rng = np.random.default_rng(0)
+    x = vqlib.testing.clustered(jax.random.key(0), n, d, num_clusters=4 * k, intrinsic_dim=min(d, 32))
+    x = np.asarray(x)
+    init = x[rng.choice(n, k, replace=False)]
+    run_vqlib(x, init, iters)  # compile both iteration counts before timing
+    run_vqlib(x, init, short)
+    rows = []
+    for name, run in PEERS.items():
+        start = time.perf_counter()
+        run(x, init, short)
+        t_short = time.perf_counter() - start
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            centroids = run(x, init, iters)
+            t_long = time.perf_counter() - start
+        per_iter = (t_long - t_short) / (iters - short)
+        rows.append(
+            {
+                "library": name,
+                "n": n,
+                "d": d,
+                "k": k,
+                "iters": iters,
+                "seconds_per_iter": per_iter,
+                "assign_gflops": 2 * n * k * d / per_iter / 1e9,
+                "fraction_of_matmul": 2 * n * k * d / per_iter / 1e9 / rate["best_gflops"],
+                "inertia": inertia(x, centroids),
+                "peak_extra_rss_gb": mem.peak / 2**30,
+            }
+        )
+    base = {r["library"]: r for r in rows}["vqlib"]
+    for r in rows:
+        r["time_ratio_vs_vqlib"] = r["seconds_per_iter"] / base["seconds_per_iter"]
+        r["inertia_ratio_vs_vqlib"] = r["inertia"] / base["inertia"]
+    return rows
+
+
+def bench_memory(n=2_000_000, d=32, k=4096, iters=3):
+    """vqlib alone at a size where the naive (n, k) float32 matrix would need n*k*4 bytes."""
+    x = jax.random.normal(jax.random.key(0), (n, d))
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        cb = vqlib.fit(x, "kmeans", k=k, max_iter=iters, tol=0.0)
+        cb.centroids.block_until_ready()
+        seconds = time.perf_counter() - start
+    return {
+        "n": n,
+        "d": d,
+        "k": k,
+        "iters": iters,
+        "seconds_with_init_and_compile": seconds,
+        "naive_distance_matrix_gb": n * k * 4 / 2**30,
+        "peak_extra_rss_gb": mem.peak / 2**30,
+        "process_peak_rss_gb": psutil.Process().memory_info().rss / 2**30,
+        "data_gb": n * d * 4 / 2**30,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kmeans_cpu.json"))
+    args = parser.parse_args()
+    rate = matmul_rate()
+    print(f"float32 matmul 4096^3: jax {rate['jax_gflops']:.0f} GFLOP/s, numpy {rate['numpy_gflops']:.0f} GFLOP/s")
+    rows = []
+    for n, d, k in QUICK_SHAPES if args.quick else SHAPES:
+        rows += bench_shape(n, d, k, iters=6 if args.quick else 20, short=2 if args.quick else 5, rate=rate)
+    print(
+        f"\n{'n':>9} {'d':>4} {'k':>5} {'library':<13} {'s/iter':>8} {'x vqlib':>8} {'GFLOP/s':>8} "
+        f"{'of matmul':>9} {'inertia/vqlib':>13} {'peak +GB':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['n']:>9} {r['d']:>4} {r['k']:>5} {r['library']:<13} {r['seconds_per_iter']:>8.4f} "
+            f"{r['time_ratio_vs_vqlib']:>8.2f} {r['assign_gflops']:>8.0f} {r['fraction_of_matmul']:>9.0%} "
+            f"{r['inertia_ratio_vs_vqlib']:>13.6f} {r['peak_extra_rss_gb']:>8.2f}"
+        )
+    memory = None if args.quick else bench_memory()
+    if memory:
+        print(
+            f"\nvqlib n={memory['n']:,} d={memory['d']} k={memory['k']}: peak extra RSS "
+            f"{memory['peak_extra_rss_gb']:.2f} GB (data {memory['data_gb']:.2f} GB; a naive distance matrix "
+            f"would be {memory['naive_distance_matrix_gb']:.0f} GB), {memory['seconds_with_init_and_compile']:.1f} s"
+        )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "cpu": platform.processor() or platform.platform(),
+        "jax": jax.__version__,
+        "matmul": rate,
+        "rows": rows,
+        "memory": memory,
+    }
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
