@@ -2,8 +2,9 @@
 
 Same data, same initial centroids, exact Lloyd everywhere (faiss subsampling off). Seconds
 per iteration are (T(iters) - T(iters_short)) / (iters - iters_short), which cancels set-up and
-the final assignment; vqlib is compiled before timing. Peak memory is the largest RSS growth
-over the process's resting RSS while a fit runs (sampled every 5 ms). The machine's float32
+the final assignment, each T the median of `--repeats` runs; vqlib is compiled before timing.
+Peak memory is the largest RSS growth over the process's resting RSS while a fit runs (sampled
+every 5 ms). The machine's float32
 matmul rate is measured in the same run, and the assignment's share of it (2 n k d flops per
 iteration) is the honest measure of how close to the limit each library runs.
 
@@ -14,6 +15,7 @@ iteration) is the honest measure of how close to the limit each library runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -103,7 +105,17 @@ def run_sklearn(x, init, iters):
 PEERS = {"vqlib": run_vqlib, "faiss-cpu": run_faiss, "scikit-learn": run_sklearn}
 
 
-def bench_shape(n, d, k, iters, short, rate):
+def median_seconds(run, repeats):
+    """Median wall time of `repeats` calls of run(), and run()'s last result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        centroids = run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), centroids
+
+
+def bench_shape(n, d, k, iters, short, rate, repeats):
     rng = np.random.default_rng(0)
     x = vqlib.testing.clustered(jax.random.key(0), n, d, num_clusters=4 * k, intrinsic_dim=min(d, 32))
     x = np.asarray(x)
@@ -112,13 +124,9 @@ def bench_shape(n, d, k, iters, short, rate):
     run_vqlib(x, init, short)
     rows = []
     for name, run in PEERS.items():
-        start = time.perf_counter()
-        run(x, init, short)
-        t_short = time.perf_counter() - start
+        t_short, _ = median_seconds(functools.partial(run, x, init, short), repeats)
         with PeakRSS() as mem:
-            start = time.perf_counter()
-            centroids = run(x, init, iters)
-            t_long = time.perf_counter() - start
+            t_long, centroids = median_seconds(functools.partial(run, x, init, iters), repeats)
         per_iter = (t_long - t_short) / (iters - short)
         rows.append(
             {
@@ -138,6 +146,57 @@ def bench_shape(n, d, k, iters, short, rate):
     for r in rows:
         r["time_ratio_vs_vqlib"] = r["seconds_per_iter"] / base["seconds_per_iter"]
         r["inertia_ratio_vs_vqlib"] = r["inertia"] / base["inertia"]
+    return rows
+
+
+def bench_batched(b=1024, n=512, d=64, k=16, iters=20, short=5, repeats=3):
+    """Many small problems (per-head / per-group codebooks): one vmapped vqlib call vs a loop of
+    faiss / scikit-learn fits, from the same initial centroids."""
+    from sklearn.cluster import KMeans
+
+    xs = np.asarray(
+        jax.vmap(lambda key: vqlib.testing.clustered(key, n, d, num_clusters=8))(jax.random.split(jax.random.key(1), b))
+    )
+    inits = xs[:, :k].copy()
+
+    def run_vqlib(iters):
+        cb = vqlib.codebooks.fit_kmeans_batched(jax.random.key(0), xs, k=k, init=inits, max_iter=iters, tol=0.0)
+        return np.asarray(cb.centroids)
+
+    def run_faiss(iters):
+        import faiss
+
+        out = []
+        for x, init in zip(xs, inits, strict=True):
+            km = faiss.Kmeans(d, k, niter=iters, max_points_per_centroid=10**9, seed=1)
+            km.train(x, init_centroids=init)
+            out.append(km.centroids)
+        return np.stack(out)
+
+    def run_sklearn(iters):
+        fit = lambda x, init: KMeans(k, init=init, n_init=1, max_iter=iters, tol=0.0).fit(x).cluster_centers_  # noqa: E731
+        return np.stack([fit(x, init) for x, init in zip(xs, inits, strict=True)])
+
+    rows = []
+    for name, run in {"vqlib": run_vqlib, "faiss-cpu": run_faiss, "scikit-learn": run_sklearn}.items():
+        run(short), run(iters)  # compile / warm up
+        t_short, _ = median_seconds(functools.partial(run, short), repeats)
+        t_long, centroids = median_seconds(functools.partial(run, iters), repeats)
+        total = sum(inertia(x, c) for x, c in zip(xs, centroids, strict=True))
+        rows.append(
+            {
+                "library": name,
+                "problems": b,
+                "n": n,
+                "d": d,
+                "k": k,
+                "seconds_per_iter": (t_long - t_short) / (iters - short),
+                "inertia": total,
+            }
+        )
+    for r in rows:
+        r["time_ratio_vs_vqlib"] = r["seconds_per_iter"] / rows[0]["seconds_per_iter"]
+        r["inertia_ratio_vs_vqlib"] = r["inertia"] / rows[0]["inertia"]
     return rows
 
 
@@ -165,13 +224,15 @@ def bench_memory(n=2_000_000, d=32, k=4096, iters=3):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per timing; the median is kept")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kmeans_cpu.json"))
     args = parser.parse_args()
     rate = matmul_rate()
     print(f"float32 matmul 4096^3: jax {rate['jax_gflops']:.0f} GFLOP/s, numpy {rate['numpy_gflops']:.0f} GFLOP/s")
     rows = []
     for n, d, k in QUICK_SHAPES if args.quick else SHAPES:
-        rows += bench_shape(n, d, k, iters=6 if args.quick else 20, short=2 if args.quick else 5, rate=rate)
+        iters, short = (10, 2) if args.quick else (20, 5)
+        rows += bench_shape(n, d, k, iters=iters, short=short, rate=rate, repeats=args.repeats)
     print(
         f"\n{'n':>9} {'d':>4} {'k':>5} {'library':<13} {'s/iter':>8} {'x vqlib':>8} {'GFLOP/s':>8} "
         f"{'of matmul':>9} {'inertia/vqlib':>13} {'peak +GB':>8}"
@@ -181,6 +242,15 @@ def main():
             f"{r['n']:>9} {r['d']:>4} {r['k']:>5} {r['library']:<13} {r['seconds_per_iter']:>8.4f} "
             f"{r['time_ratio_vs_vqlib']:>8.2f} {r['assign_gflops']:>8.0f} {r['fraction_of_matmul']:>9.0%} "
             f"{r['inertia_ratio_vs_vqlib']:>13.6f} {r['peak_extra_rss_gb']:>8.2f}"
+        )
+    batched = bench_batched(b=64 if args.quick else 1024)
+    head = batched[0]
+    print(f"\n{head['problems']} problems of {head['n']} x {head['d']}, k={head['k']}:")
+    print(f"{'library':<13} {'s/iter (all problems)':>22} {'x vqlib':>8} {'inertia/vqlib':>13}")
+    for r in batched:
+        print(
+            f"{r['library']:<13} {r['seconds_per_iter']:>22.4f} {r['time_ratio_vs_vqlib']:>8.2f} "
+            f"{r['inertia_ratio_vs_vqlib']:>13.6f}"
         )
     memory = None if args.quick else bench_memory()
     if memory:
@@ -196,6 +266,7 @@ def main():
         "jax": jax.__version__,
         "matmul": rate,
         "rows": rows,
+        "batched": batched,
         "memory": memory,
     }
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -86,9 +86,9 @@ def check_dim(x, d: int, name: str = "x", what: str = "the codebook was fitted o
 
 
 def check_sample_weight(sample_weight, n: int, batch_shape: tuple[int, ...] = ()) -> jax.Array:
-    """Returns float32 weights of shape (*batch_shape, n); ones when `sample_weight` is None."""
+    """Returns float32 weights of shape (*batch_shape, n), or None when `sample_weight` is None."""
     if sample_weight is None:
-        return jnp.ones((*batch_shape, n), jnp.float32)
+        return None
     w = check_float_array(sample_weight, "sample_weight", ndim=len(batch_shape) + 1)
     if w.shape != (*batch_shape, n):
         raise ValueError(f"sample_weight must have shape {(*batch_shape, n)} to match x, got {tuple(w.shape)}")

@@ -20,8 +20,11 @@ from jax import lax
 class BlockSizes:
     """Tile sizes: points per step and centroids per step."""
 
-    block_n: int = 2048
+    block_n: int = 4096
     block_k: int = 1024
+
+
+_FAR = float(jnp.finfo(jnp.float32).max)
 
 
 def _tile_argmin(scores: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
@@ -57,20 +60,32 @@ def assign(x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes
     x = x.astype(dtype)
     c = centroids.astype(dtype)
     c32 = c.astype(jnp.float32)
-    c_norms = _pad_rows(jnp.sum(c32 * c32, axis=1), bk, jnp.inf).reshape(-1, bk)  # padded rows never win
-    c_tiles = jnp.swapaxes(_pad_rows(-2 * c, bk).reshape(-1, bk, d), 1, 2)  # (tiles, d, bk); -2 is exact
+    norms = _pad_rows(jnp.sum(c32 * c32, axis=1), bk, _FAR)  # (kp,); padded centroids never win
+    weights = _pad_rows(-2 * c, bk)  # (kp, d); scaling by -2 is exact
+    # float32: fold ||c||^2 into the product as one more column (x gets a column of ones), which
+    # saves XLA:CPU a full pass over every tile (7% at d=128). Not for 16-bit dots: the norms
+    # would be rounded to 16 bits.
+    fold = dtype == jnp.float32
+    if fold:
+        weights = jnp.concatenate([weights, norms[:, None]], axis=1)
+    c_tiles = jnp.swapaxes(weights.reshape(-1, bk, weights.shape[1]), 1, 2)  # (tiles, d or d + 1, bk)
+    c_norms = norms.reshape(-1, bk)
 
     def tile_argmin(xb, j):
-        scores = jnp.dot(xb, c_tiles[j], preferred_element_type=jnp.float32) + c_norms[j][None, :]
+        scores = jnp.dot(xb, c_tiles[j], preferred_element_type=jnp.float32)
+        if not fold:
+            scores = scores + c_norms[j][None, :]
         return _tile_argmin(scores, j * bk)
 
     def one_block(xb):
+        xs = jnp.concatenate([xb, jnp.ones((xb.shape[0], 1), dtype)], axis=1) if fold else xb
+
         def one_tile(j, carry):
-            tile_best, tile_arg = tile_argmin(xb, j)
+            tile_best, tile_arg = tile_argmin(xs, j)
             better = tile_best < carry[0]
             return jnp.where(better, tile_best, carry[0]), jnp.where(better, tile_arg, carry[1])
 
-        best, arg = tile_argmin(xb, 0)
+        best, arg = tile_argmin(xs, 0)
         best, arg = lax.fori_loop(1, c_tiles.shape[0], one_tile, (best, arg))
         x32 = xb.astype(jnp.float32)
         return arg, jnp.maximum(best + jnp.sum(x32 * x32, axis=1), 0.0)
