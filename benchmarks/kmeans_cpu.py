@@ -89,7 +89,9 @@ def run_vqlib(x, init, iters):
 def run_faiss(x, init, iters):
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], len(init), niter=iters, max_points_per_centroid=10**9, seed=1)
+    km = faiss.Kmeans(
+        x.shape[1], len(init), niter=iters, max_points_per_centroid=10**9, min_points_per_centroid=1, seed=1
+    )
     km.train(x, init_centroids=init)
     return km.centroids
 
@@ -168,7 +170,7 @@ def bench_batched(b=1024, n=512, d=64, k=16, iters=20, short=5, repeats=3):
 
         out = []
         for x, init in zip(xs, inits, strict=True):
-            km = faiss.Kmeans(d, k, niter=iters, max_points_per_centroid=10**9, seed=1)
+            km = faiss.Kmeans(d, k, niter=iters, max_points_per_centroid=10**9, min_points_per_centroid=1, seed=1)
             km.train(x, init_centroids=init)
             out.append(km.centroids)
         return np.stack(out)

@@ -130,6 +130,8 @@ def fit_kmeans_streaming(
         (32, 8)
     """
     k = _checks.check_int(k, "k", low=1)
+    if init_sample_size is not None:
+        init_sample_size = _checks.check_int(init_sample_size, "init_sample_size", low=k)
     chunk_size = _checks.check_int(chunk_size, "chunk_size", low=1)
     max_iter = _checks.check_int(max_iter, "max_iter", low=0)
     tol = _checks.check_nonnegative_float(tol, "tol")
