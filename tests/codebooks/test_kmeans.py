@@ -95,6 +95,13 @@ def test_inertia_matches_faiss_and_sklearn_from_the_same_init(data):
         assert abs(ours_i - peer) <= 5e-3 * peer  # measured: equal to ~1e-7 when written
 
 
+def test_stops_when_every_point_sits_on_a_centroid():
+    x = jnp.repeat(jnp.eye(5, dtype=jnp.float32), 7, axis=0)  # 5 distinct points, 7 copies each
+    cb = vqlib.fit(x, "kmeans", k=5, max_iter=100)
+    assert float(cb.stats.inertia[int(cb.stats.num_iters)]) == 0.0
+    assert int(cb.stats.num_iters) <= 2
+
+
 def test_kmeans_plus_plus_seeds_are_as_good_as_sklearns(data):
     from sklearn.cluster import kmeans_plusplus
 

@@ -39,6 +39,8 @@ def test_sharded_fit_equals_single_device():
         np.testing.assert_allclose(sharded.centroids, single.centroids, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(sharded.stats.inertia, single.stats.inertia, rtol=1e-5)
         assert int(sharded.stats.num_iters) == 8
+        vqlib.fit(xs + 1.0, "kmeans", k=16, max_iter=8, tol=0.0)  # same shapes: no new compilation
+        assert vqlib.codebooks._kmeans._lloyd_sharded._cache_size() == 1
         print("ok")
         """,
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},

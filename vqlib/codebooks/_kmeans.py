@@ -206,7 +206,8 @@ def _lloyd(x, w, centroids, *, max_iter: int, tol: float, num_far: int, update: 
         p = stats_of(c)
         history = history.at[t].set(p.inertia)
         previous = history[jnp.maximum(t - 1, 0)]
-        done = (t >= max_iter) | ((t > 0) & (previous - p.inertia < tol * previous))
+        converged = (t > 0) & (previous - p.inertia < tol * previous)
+        done = (t >= max_iter) | converged | (p.inertia <= 0)
         new_c, num_reseeded = _update(c, p)
         step = jnp.where(done, 0, 1)
         return t + step, jnp.where(done, c, new_c), history, done, reseeded + step * num_reseeded
@@ -239,24 +240,28 @@ def _sharded_axis(x) -> str | None:
     return spec[0]
 
 
-def _fit_sharded(key, x, w, init_array, axis, **static):
-    """Each device runs Lloyd on its rows; the per-cluster sums are combined with psum."""
-    mesh = x.sharding.mesh
-    w = jnp.ones(x.shape[:1], jnp.float32) if w is None else w
-    opts = {name: static[name] for name in ("max_iter", "tol", "num_far", "update", "impl")}
-    if init_array is None:
-        init_array = jax.jit(_initial_centroids, static_argnums=(3, 4, 5))(
-            key, x, w, static["k"], static["init"], static["init_sample_size"]
-        )
-    lloyd = jax.shard_map(
-        functools.partial(_lloyd, axis_name=axis, **opts),
+initial_centroids = jax.jit(_initial_centroids, static_argnums=(3, 4, 5))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis", "max_iter", "tol", "num_far", "update", "impl"))
+def _lloyd_sharded(x, w, centroids, *, mesh, axis, **options):
+    """Each device runs Lloyd on its rows; the per-cluster statistics are combined with psum."""
+    return jax.shard_map(
+        functools.partial(_lloyd, axis_name=axis, **options),
         mesh=mesh,
         in_specs=(PartitionSpec(axis), PartitionSpec(axis), PartitionSpec()),
         out_specs=(PartitionSpec(), PartitionSpec()),
         check_vma=False,
-    )
+    )(x, w, centroids)
+
+
+def _fit_sharded(key, x, w, init_array, axis, *, k, init, init_sample_size, **options):
+    mesh = x.sharding.mesh
+    w = jnp.ones(x.shape[:1], jnp.float32) if w is None else w
+    if init_array is None:
+        init_array = initial_centroids(key, x, w, k, init, init_sample_size)
     w = jax.device_put(w, NamedSharding(mesh, PartitionSpec(axis)))
-    c, stats = jax.jit(lloyd)(x, w, init_array)
+    c, stats = _lloyd_sharded(x, w, init_array, mesh=mesh, axis=axis, **options)
     return KMeansCodebook(centroids=c, stats=stats)
 
 

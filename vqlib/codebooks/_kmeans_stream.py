@@ -32,10 +32,10 @@ from vqlib.codebooks._kmeans import (
     INITS,
     KMeansCodebook,
     KMeansStats,
-    _initial_centroids,
     _merge,
     _pass_stats,
     _update,
+    initial_centroids,
 )
 
 
@@ -142,9 +142,8 @@ def fit_kmeans_streaming(
         target = init_sample_size or max(64 * k, 20_000)  # as default_init_sample_size, n unknown yet
         sample, n = _reservoir(data, chunk_size, target, rng)
         _checks.check_num_codes(k, n)
-        centroids = jax.jit(_initial_centroids, static_argnums=(3, 4, 5))(
-            key, jnp.asarray(sample), jnp.ones((sample.shape[0],), jnp.float32), k, init, sample.shape[0]
-        )
+        ones = jnp.ones((sample.shape[0],), jnp.float32)
+        centroids = initial_centroids(key, jnp.asarray(sample), ones, k, init, sample.shape[0])
     else:
         centroids = _checks.check_float_array(init, "init", ndim=2).astype(jnp.float32)
         if centroids.shape[0] != k:
