@@ -156,22 +156,29 @@ def test_same_key_same_result_other_key_other_result(data):
     assert not np.array_equal(a.centroids, c.centroids)
 
 
-def test_jit_equals_no_jit_and_second_call_does_not_recompile(data):
-    fit = functools.partial(fit_kmeans, k=10, max_iter=4)
-    eager = fit(jax.random.key(3), data)
-    jitted = jax.jit(fit)(jax.random.key(3), data)
-    np.testing.assert_allclose(eager.centroids, jitted.centroids, rtol=1e-6, atol=1e-6)
+@settings(max_examples=5, deadline=None)
+@given(n=st.integers(8, 300), d=st.integers(1, 6), k=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_jit_equals_no_jit_and_second_call_does_not_recompile(n, d, k, seed):
+    x = clustered(jax.random.key(seed), n, d, num_clusters=4)
+    fit = functools.partial(fit_kmeans, k=k, max_iter=4)
+    eager = fit(jax.random.key(3), x)
+    jitted = jax.jit(fit)(jax.random.key(3), x)
+    np.testing.assert_allclose(eager.centroids, jitted.centroids, rtol=1e-5, atol=1e-5)
     before = _kmeans._fit._cache_size()
-    fit(jax.random.key(4), data + 1.0)
+    fit(jax.random.key(4), x + 1.0)
     assert _kmeans._fit._cache_size() == before
 
 
-def test_batched_equals_loop_of_single_fits(key):
-    xs = jax.vmap(lambda kk: clustered(kk, 512, 8, num_clusters=6))(jax.random.split(key, 5))
-    batched = fit_kmeans_batched(jax.random.key(0), xs, k=16, max_iter=20)
-    keys = jax.random.split(jax.random.key(0), 5)
-    for i in range(5):
-        single = fit_kmeans(keys[i], xs[i], k=16, max_iter=20)
+@settings(max_examples=5, deadline=None)
+@given(
+    b=st.integers(1, 5), n=st.integers(16, 200), d=st.integers(1, 6), k=st.integers(1, 8), seed=st.integers(0, 2**16)
+)
+def test_batched_equals_loop_of_single_fits(b, n, d, k, seed):
+    xs = jax.vmap(lambda kk: clustered(kk, n, d, num_clusters=4))(jax.random.split(jax.random.key(seed), b))
+    batched = fit_kmeans_batched(jax.random.key(0), xs, k=k, max_iter=10)
+    keys = jax.random.split(jax.random.key(0), b)
+    for i in range(b):
+        single = fit_kmeans(keys[i], xs[i], k=k, max_iter=10)
         np.testing.assert_allclose(batched.centroids[i], single.centroids, rtol=1e-5, atol=1e-5)
         assert int(batched.stats.num_iters[i]) == int(single.stats.num_iters)
 
