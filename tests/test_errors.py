@@ -12,7 +12,6 @@ import vqlib
 from vqlib.codebooks import KMeansCodebook, _kmeans
 
 _assign_module = importlib.import_module("vqlib.kernels.assign._dispatch")
-_fit_module = importlib.import_module("vqlib._fit")  # vqlib.fit is the function
 
 
 class _WorkStarted(AssertionError):
@@ -30,8 +29,6 @@ def no_expensive_work(monkeypatch):
     monkeypatch.setattr(_kmeans, "_fit", _no_work)
     monkeypatch.setattr(_kmeans, "_fit_sharded", _no_work)
     monkeypatch.setattr(_kmeans, "_decode", _no_work)
-    monkeypatch.setattr(_kmeans, "assign_op", _no_work)
-    monkeypatch.setattr(_fit_module, "assign_op", _no_work)
     for name in list(_assign_module.BACKENDS):
         monkeypatch.setitem(_assign_module.BACKENDS, name, _no_work)
 

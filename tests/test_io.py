@@ -74,16 +74,6 @@ def test_kmeans_round_trip_is_bit_exact(saved, codebook):
     np.testing.assert_array_equal(vqlib.encode(restored, x), vqlib.encode(codebook, x))
 
 
-def test_kmeans_round_trip_values_and_dtypes(saved, codebook):
-    """Every byte and dtype survives, whatever the scalar-shape bug above does to shapes."""
-    restored = vqlib.load(saved)
-    _assert_bit_exact(restored, codebook)
-    assert restored.centroids.shape == codebook.centroids.shape
-    assert restored.stats.inertia.shape == codebook.stats.inertia.shape
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)), jnp.float32)
-    np.testing.assert_array_equal(vqlib.encode(restored, x), vqlib.encode(codebook, x))
-
-
 def test_scalar_leaves_keep_their_shape(tmp_path):
     stats = KMeansStats(inertia=jnp.zeros((2,), jnp.float32), num_iters=jnp.int32(3), num_reseeded=jnp.int32(0))
     path = tmp_path / "stats.vq"
@@ -287,3 +277,62 @@ def test_empty_file(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError):
         vqlib.load(tmp_path / "does-not-exist.vq")
+
+
+# ----------------------------------------------------------------------------- crafted files
+# Files with a valid checksum (anyone can recompute a sha256) whose tree vqlib.save cannot have
+# written: each must be refused with a ValueError, never a KeyError/TypeError or a wrong object.
+
+
+def _craft(path, tree, tensors, *, type_name="vqlib.KMeansCodebook", version="1"):
+    tree_json = json.dumps(tree, sort_keys=True)
+    metadata = {
+        "format": "vqlib",
+        "format_version": version,
+        "type": type_name,
+        "tree": tree_json,
+        "checksum": vqlib._io._checksum(tree_json, tensors),
+    }
+    safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+_CENTROIDS = {"centroids": np.ones((3, 2), np.float32)}
+_GOOD = {
+    "type": "vqlib.KMeansCodebook",
+    "static": {},
+    "data": {"centroids": {"tensor": "centroids", "dtype": "float32"}, "stats": {"value": None}},
+}
+
+
+def test_crafted_good_tree_loads(tmp_path):
+    cb = vqlib.load(_craft(tmp_path / "ok.vq", _GOOD, _CENTROIDS))
+    np.testing.assert_array_equal(cb.centroids, np.ones((3, 2)))
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {**_GOOD, "data": {**_GOOD["data"], "centroids": {"tensor": "missing", "dtype": "float32"}}},
+        {**_GOOD, "data": {**_GOOD["data"], "extra": {"value": None}}},
+        {**_GOOD, "data": {**_GOOD["data"], "centroids": {"value": "abc"}}},
+        {**_GOOD, "data": {**_GOOD["data"], "centroids": {"tensor": "centroids", "dtype": "bfloat16"}}},
+        {"type": "vqlib.KMeansCodebook", "data": _GOOD["data"]},
+        {"list": [_GOOD]},
+        "not a node",
+    ],
+    ids=["missing-tensor", "extra-field", "value-as-array", "dtype-mismatch", "no-static", "list-root", "string"],
+)
+def test_crafted_malformed_tree_is_refused(tmp_path, tree):
+    with pytest.raises(ValueError, match="malformed|header says"):
+        vqlib.load(_craft(tmp_path / "bad.vq", tree, _CENTROIDS))
+
+
+def test_crafted_header_type_must_match_the_tree(tmp_path):
+    with pytest.raises(ValueError, match="header says vqlib.KMeansStats"):
+        vqlib.load(_craft(tmp_path / "bad.vq", _GOOD, _CENTROIDS, type_name="vqlib.KMeansStats"))
+
+
+def test_crafted_format_version_must_be_a_number(tmp_path):
+    with pytest.raises(ValueError, match="format_version"):
+        vqlib.load(_craft(tmp_path / "bad.vq", _GOOD, _CENTROIDS, version="abc"))

@@ -37,16 +37,27 @@ def check_float_array(x, name: str, *, ndim: int | None = None) -> jax.Array:
     return jnp.asarray(x)
 
 
+@jax.jit
+def _all_finite(x):
+    return jnp.isfinite(x).all()
+
+
 def check_finite(x, name: str) -> None:
+    """Raises ValueError when a concrete `x` holds NaN or inf. A jax.Array is checked where it
+    lives (also when sharded over hosts); only a failing array is brought to the host to say where."""
     if not is_concrete(x):
         return
-    finite = np.isfinite(np.asarray(x, dtype=np.float32))
-    if not finite.all():
-        bad = np.argwhere(~finite)
-        raise ValueError(
-            f"{name} contains {len(bad)} NaN or inf values (first at index {tuple(int(i) for i in bad[0])}); "
-            f"remove or impute them before fitting or encoding"
-        )
+    if np.all(np.isfinite(x)) if isinstance(x, np.ndarray) else bool(_all_finite(x)):
+        return
+    where = ""
+    if getattr(x, "is_fully_addressable", True):
+        bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))
+        where = f" {len(bad)}"
+        first = f" (first at index {tuple(int(i) for i in bad[0])})"
+    raise ValueError(
+        f"{name} contains{where} NaN or inf values{first if where else ''}; "
+        "remove or impute them before fitting or encoding"
+    )
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
@@ -78,6 +89,11 @@ def check_nonnegative_float(value, name: str) -> float:
     return float(value)
 
 
+def check_rank(a, ndim: int, name: str, hint: str = "") -> None:
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}{hint}")
+
+
 def check_dim(x, d: int, name: str = "x", what: str = "the codebook was fitted on") -> None:
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least one dimension (vectors of shape (..., {d})), got a scalar")
@@ -93,22 +109,19 @@ def check_sample_weight(sample_weight, n: int, batch_shape: tuple[int, ...] = ()
     if w.shape != (*batch_shape, n):
         raise ValueError(f"sample_weight must have shape {(*batch_shape, n)} to match x, got {tuple(w.shape)}")
     if is_concrete(w):
-        wn = np.asarray(w, dtype=np.float64)
-        if (wn < 0).any():
+        if bool(jnp.any(w < 0)):
             raise ValueError("sample_weight must be >= 0 everywhere; drop the rows instead of giving negative weight")
-        if (wn.reshape(-1, n).sum(axis=1) <= 0).any():
+        if bool(jnp.any(jnp.sum(w.reshape(-1, n), axis=1) <= 0)):
             raise ValueError("sample_weight sums to 0: at least one point (per problem) needs a positive weight")
     return w.astype(jnp.float32)
 
 
-def check_codes(codes, num_codes: int, shape: tuple[int, ...] | None = None, name: str = "codes") -> jax.Array:
-    """Checks integer codes in [0, num_codes) with the expected trailing shape."""
+def check_codes(codes, num_codes: int, name: str = "codes") -> jax.Array:
+    """Checks integer codes in [0, num_codes); returns them as int32."""
     if not hasattr(codes, "dtype"):
         codes = np.asarray(codes)
     if not jnp.issubdtype(codes.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {codes.dtype}")
-    if shape is not None and tuple(codes.shape[codes.ndim - len(shape) :]) != shape:
-        raise ValueError(f"{name} must have trailing shape {shape} for this codebook, got {tuple(codes.shape)}")
     if is_concrete(codes) and codes.size:
         c = np.asarray(codes)
         lo, hi = int(c.min()), int(c.max())

@@ -83,7 +83,4 @@ def assign(x, centroids) -> tuple[jax.Array, jax.Array]:
     """
     x = _checks.check_float_array(x, "x", ndim=2)
     centroids = _checks.check_float_array(centroids, "centroids", ndim=2)
-    _checks.check_dim(x, centroids.shape[1], what="centroids have")
-    if centroids.shape[0] < 1:
-        raise ValueError("centroids must hold at least one row")
-    return assign_op(x, centroids)
+    return assign_op(x, centroids)  # checks the shapes

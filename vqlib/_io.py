@@ -31,6 +31,10 @@ FORMAT = "vqlib"
 FORMAT_VERSION = 1
 # numpy dtypes safetensors cannot store directly: saved as a same-width unsigned view.
 _VIEWED = {"bfloat16": np.uint16}
+# The process umask, read once at import (reading it means setting it, which would race with
+# other threads if done at every save).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _type_name(obj) -> str | None:
@@ -81,13 +85,23 @@ def _encode(obj, path: str, tensors: dict[str, np.ndarray]):
     )
 
 
-def _decode(node, tensors):
+class _Malformed(Exception):
+    """A tree that vqlib.save cannot have written; load() turns it into a ValueError."""
+
+
+def _decode(node, tensors, *, leaf: bool = False):
+    """Rebuilds the object a JSON node describes; in data fields (`leaf`), plain values other than
+    None are refused: there the tree must hold arrays, vqlib types, or containers of them."""
+    if not isinstance(node, dict) or len(node) == 0:
+        raise _Malformed(f"node {node!r}")
+    if leaf and "value" in node and node["value"] is not None:
+        raise _Malformed(f"a data field holds {node!r}, not an array")
     if "value" in node:
         return node["value"]
     if "list" in node:
-        return tuple(_decode(v, tensors) for v in node["list"])
+        return tuple(_decode(v, tensors, leaf=leaf) for v in node["list"])
     if "dict" in node:
-        return {k: _decode(v, tensors) for k, v in node["dict"].items()}
+        return {k: _decode(v, tensors, leaf=leaf) for k, v in node["dict"].items()}
     if "type" in node:
         cls = REGISTERED_TYPES.get(node["type"])
         if cls is None:
@@ -95,9 +109,16 @@ def _decode(node, tensors):
                 f"the file holds a {node['type']}, which this vqlib does not know; "
                 "import the module that defines it or upgrade vqlib"
             )
-        fields = {k: _decode(v, tensors) for k, v in {**node["static"], **node["data"]}.items()}
+        static = {f.name for f in dataclasses.fields(cls) if f.metadata.get("static")}
+        if set(node["static"]) != static or set(node["data"]) | static != {f.name for f in dataclasses.fields(cls)}:
+            raise _Malformed(f"the fields of {node['type']} do not match this vqlib's definition")
+        fields = {k: _decode(v, tensors) for k, v in node["static"].items()}
+        fields |= {k: _decode(v, tensors, leaf=True) for k, v in node["data"].items()}
         return cls(**fields)
     array = tensors[node["tensor"]]
+    stored = _VIEWED.get(node["dtype"], np.dtype(node["dtype"]).type)
+    if array.dtype != stored:
+        raise _Malformed(f"tensor {node['tensor']} is stored as {array.dtype}, the tree says {node['dtype']}")
     if node["dtype"] in _VIEWED:
         array = array.view(getattr(ml_dtypes, node["dtype"]))
     if "prng_impl" in node:
@@ -143,9 +164,7 @@ def save(path: str | os.PathLike, obj) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".vqlib-", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -186,7 +205,10 @@ def load(path: str | os.PathLike, *, expect: type | None = None):
         raise ValueError(
             f"{path} is a safetensors file but not a vqlib file (no vqlib header); write it with vqlib.save"
         )
-    version = int(metadata.get("format_version", "0"))
+    version = metadata.get("format_version", "")
+    if not version.isdigit():
+        raise ValueError(f"{path} has a malformed vqlib header (format_version {version!r}); the file is damaged")
+    version = int(version)
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} uses vqlib format version {version}, newer than this vqlib reads ({FORMAT_VERSION}); upgrade vqlib"
@@ -194,9 +216,14 @@ def load(path: str | os.PathLike, *, expect: type | None = None):
     tree_json = metadata.get("tree", "")
     if _checksum(tree_json, tensors) != metadata.get("checksum"):
         raise ValueError(f"{path} failed its checksum: the file is corrupted; restore it from a good copy")
-    obj = _decode(json.loads(tree_json), tensors)
+    try:
+        obj = _decode(json.loads(tree_json), tensors)
+    except (_Malformed, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} holds a malformed vqlib tree ({e}); it was not written by vqlib.save") from None
+    if _type_name(obj) != metadata.get("type"):
+        raise ValueError(f"{path}: the header says {metadata.get('type')} but the tree holds {_type_name(obj)}")
     if expect is not None and type(obj) is not expect:
         raise ValueError(
-            f"{path} holds a {metadata['type']}, not the expected {expect.__module__}.{expect.__qualname__}"
+            f"{path} holds a {_type_name(obj)}, not the expected {expect.__module__}.{expect.__qualname__}"
         )
     return obj

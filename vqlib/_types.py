@@ -22,8 +22,7 @@ def pytree_dataclass(cls):
     cls = dataclasses.dataclass(frozen=True)(cls)
     cls = jax.tree_util.register_dataclass(cls)
     name = f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
-    if REGISTERED_TYPES.setdefault(name, cls) is not cls:
-        raise RuntimeError(f"two pytree types registered under the name {name}")
+    REGISTERED_TYPES[name] = cls  # a module reload replaces the class of the same name
     return cls
 
 

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vqlib import _checks
 from vqlib._types import pytree_dataclass
 from vqlib.kernels import assign as assign_op
-from vqlib.kernels.assign._dispatch import check_impl
+from vqlib.kernels.assign import check_impl
 
 INITS = ("k-means++", "random")
 UPDATES = ("auto", "sort", "scatter")
@@ -95,7 +95,11 @@ def _cluster_sums(x, w, codes, k: int, update: str):
 
 
 def _top_far(dists, points, r: int):
-    """Keeps the r largest distances (and their points) of a candidate set."""
+    """Keeps the r largest distances (and their points) of a candidate set, padding with zero
+    distances (never used to re-seed) when there are fewer than r candidates, e.g. per device."""
+    if dists.shape[0] < r:
+        pad = r - dists.shape[0]
+        dists, points = jnp.pad(dists, (0, pad)), jnp.pad(points, ((0, pad), (0, 0)))
     dists, idx = lax.top_k(dists, r)
     return dists, points[idx]
 
@@ -145,7 +149,8 @@ def _update(centroids, p: _Pass):
 def _sq_dists_to(points, x, x_norms):
     """(t, d) points, (n, d) x -> (t, n) squared distances, clamped at 0."""
     p_norms = jnp.sum(points * points, axis=1)
-    return jnp.maximum(p_norms[:, None] - 2.0 * points @ x.T + x_norms[None, :], 0.0)
+    dots = jnp.dot(points, x.T, precision=lax.Precision.HIGHEST)
+    return jnp.maximum(p_norms[:, None] - 2.0 * dots + x_norms[None, :], 0.0)
 
 
 def _kmeans_plus_plus(key, x, w, k: int):
@@ -411,8 +416,14 @@ def _decode(centroids, codes):
     return jnp.take(centroids, codes, axis=0)
 
 
+def _check_single(cb: KMeansCodebook) -> None:
+    hint = "; it holds a batch of codebooks: use jax.vmap(vqlib.encode)(cb, xs) or jax.vmap(vqlib.decode)"
+    _checks.check_rank(cb.centroids, 2, "cb.centroids", hint)
+
+
 def encode(cb: KMeansCodebook, x) -> jax.Array:
     """(..., d) vectors -> (...) int32 index of the nearest centroid (ties: lowest index)."""
+    _check_single(cb)
     x = _checks.check_float_array(x, "x")
     _checks.check_dim(x, cb.centroids.shape[-1])
     flat = x.reshape(-1, x.shape[-1])
@@ -421,5 +432,6 @@ def encode(cb: KMeansCodebook, x) -> jax.Array:
 
 def decode(cb: KMeansCodebook, codes) -> jax.Array:
     """(...) integer codes -> (..., d) centroids."""
+    _check_single(cb)
     codes = _checks.check_codes(codes, cb.centroids.shape[0])
     return _decode(cb.centroids, codes)

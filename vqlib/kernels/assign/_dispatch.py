@@ -7,6 +7,7 @@ from typing import Literal
 
 import jax
 
+from vqlib import _checks
 from vqlib.kernels.assign.reference import assign_reference
 from vqlib.kernels.assign.xla import assign as assign_xla
 
@@ -34,6 +35,11 @@ def assign(x: jax.Array, centroids: jax.Array, *, impl: Impl = "auto") -> tuple[
     Returns:
         codes (n,) int32 and squared distances (n,) float32, clamped at 0.
     """
+    _checks.check_rank(x, 2, "x", "; use jax.vmap for a batch of problems")
+    _checks.check_rank(centroids, 2, "centroids", "; use jax.vmap for a batch of codebooks")
+    _checks.check_dim(x, centroids.shape[1], what="centroids have")
+    if centroids.shape[0] < 1:
+        raise ValueError("centroids must hold at least one row")
     errors = []
     for name in check_impl(impl):
         try:

@@ -50,7 +50,8 @@ def assign(x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes
     """Same contract as `assign_reference`; memory O(block_n * block_k) beyond inputs and outputs.
 
     Distances are ||x||^2 - 2 x.c + ||c||^2 with the dot on the matrix units in the input dtype
-    (bfloat16/float16 when both inputs are) and float32 accumulation.
+    (bfloat16/float16 when both inputs are) and float32 accumulation; float32 dots run at full
+    float32 precision (`Precision.HIGHEST`: no TF32 or bfloat16 passes on accelerators).
     """
     n, d = x.shape
     k = centroids.shape[0]
@@ -61,21 +62,22 @@ def assign(x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes
     c = centroids.astype(dtype)
     c32 = c.astype(jnp.float32)
     norms = _pad_rows(jnp.sum(c32 * c32, axis=1), bk, _FAR)  # (kp,); padded centroids never win
-    weights = _pad_rows(-2 * c, bk)  # (kp, d); scaling by -2 is exact
     # Wide float32 tiles: fold ||c||^2 into the product as one more column (x gets a column of
     # ones), which saves XLA:CPU a full pass over every tile (7% at k=1024, d=128). Not for narrow
     # tiles, where the odd inner dimension costs more than it saves (3x slower for vmapped 512 x 16
     # problems), nor for 16-bit dots, which would round the norms to 16 bits.
     fold = dtype == jnp.float32 and bk >= 256
-    if fold:
-        weights = jnp.concatenate([weights, norms[:, None]], axis=1)
+    if fold:  # -2 c in float32 is exact and cannot overflow
+        weights = jnp.concatenate([_pad_rows(-2 * c, bk), norms[:, None]], axis=1)
+    else:  # the -2 is applied to the float32 product: -2 c could overflow float16
+        weights = _pad_rows(c, bk)
     c_tiles = jnp.swapaxes(weights.reshape(-1, bk, weights.shape[1]), 1, 2)  # (tiles, d or d + 1, bk)
     c_norms = norms.reshape(-1, bk)
 
     def tile_argmin(xb, j):
-        scores = jnp.dot(xb, c_tiles[j], preferred_element_type=jnp.float32)
+        scores = jnp.dot(xb, c_tiles[j], precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
         if not fold:
-            scores = scores + c_norms[j][None, :]
+            scores = c_norms[j][None, :] - 2.0 * scores
         return _tile_argmin(scores, j * bk)
 
     def one_block(xb):
