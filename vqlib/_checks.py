@@ -23,11 +23,7 @@ def check_float_array(x, name: str, *, ndim: int | None = None) -> jax.Array:
     """Returns `x` as a JAX array after checking it is a finite floating array of rank `ndim`."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = np.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
-            f"got {x.dtype}; convert it with {name}.astype('float32')"
-        )
+    check_float_dtype(x, name)
     if ndim is not None and x.ndim != ndim:
         raise ValueError(
             f"{name} must be {ndim}-D, got shape {tuple(x.shape)}"
@@ -40,6 +36,14 @@ def check_float_array(x, name: str, *, ndim: int | None = None) -> jax.Array:
 @jax.jit
 def _all_finite(x):
     return jnp.isfinite(x).all()
+
+
+def check_float_dtype(x, name: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}; convert it with {name}.astype('float32')"
+        )
 
 
 def check_finite(x, name: str) -> None:

@@ -50,7 +50,7 @@ def test_matches_float64_lloyd(data, weighted, update):
         init=init,
         max_iter=num_iters,
         tol=0.0,
-        sample_weight=jnp.asarray(w, jnp.float32),
+        sample_weight=jnp.asarray(w, jnp.float32) if weighted else None,  # None: the unit-weight fast path
         update=update,
     )
     want_c, want_codes = lloyd_float64(data, w, init, num_iters)
@@ -167,6 +167,15 @@ def test_jit_equals_no_jit_and_second_call_does_not_recompile(n, d, k, seed):
     before = _kmeans._fit._cache_size()
     fit(jax.random.key(4), x + 1.0)
     assert _kmeans._fit._cache_size() == before
+
+
+def test_compiled_fit_equals_op_by_op_execution():
+    x = clustered(jax.random.key(5), 120, 3, num_clusters=3)
+    compiled = fit_kmeans(jax.random.key(1), x, k=4, max_iter=3)
+    with jax.disable_jit():
+        eager = fit_kmeans(jax.random.key(1), x, k=4, max_iter=3)
+    np.testing.assert_allclose(eager.centroids, compiled.centroids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eager.stats.inertia, compiled.stats.inertia, rtol=1e-5)
 
 
 @settings(max_examples=5, deadline=None)

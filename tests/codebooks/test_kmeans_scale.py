@@ -41,6 +41,11 @@ def test_sharded_fit_equals_single_device():
         assert int(sharded.stats.num_iters) == 8
         vqlib.fit(xs + 1.0, "kmeans", k=16, max_iter=8, tol=0.0)  # same shapes: no new compilation
         assert vqlib.codebooks._kmeans._lloyd_sharded._cache_size() == 1
+        # more centroids than rows per device (40 rows, 10 per device, k=16)
+        small, small_sharded = x[:40], jax.device_put(x[:40], NamedSharding(mesh, PartitionSpec("data")))
+        a = vqlib.fit(small, "kmeans", k=16, max_iter=5, tol=0.0)
+        b = vqlib.fit(small_sharded, "kmeans", k=16, max_iter=5, tol=0.0)
+        np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
         print("ok")
         """,
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},
@@ -86,11 +91,28 @@ def test_minibatch_approaches_full_lloyd(data):
     assert inertia(mb.centroids) < 1.1 * inertia(full.centroids)
 
 
-def test_streaming_rejects_bad_chunks(data):
+def test_streaming_rejects_bad_input(data):
     with pytest.raises(ValueError, match="chunk"):
         fit_kmeans_streaming(jax.random.key(0), lambda: iter([data[:10, :4]]), k=2, init=data[:2], chunk_size=64)
     with pytest.raises(ValueError, match="k=50000"):
         fit_kmeans_streaming(jax.random.key(0), data, k=50_000)
+    with pytest.raises(ValueError, match="k=20"):  # k > n is caught after the first pass with a given init
+        fit_kmeans_streaming(jax.random.key(0), lambda: iter([data[:10]]), k=20, init=data[:20], chunk_size=64)
+    with pytest.raises(TypeError, match="callable"):
+        fit_kmeans_streaming(jax.random.key(0), (c for c in [data[:10]]), k=2)
+    with pytest.raises(ValueError, match="init has d=4"):
+        fit_kmeans_streaming(jax.random.key(0), data, k=2, init=data[:2, :4])
+    bad = data[:100].copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="data chunk contains 1 NaN"):
+        fit_kmeans_streaming(jax.random.key(0), bad, k=2, chunk_size=64)
+
+
+def test_streaming_stops_when_every_point_sits_on_a_centroid():
+    x = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
+    cb = fit_kmeans_streaming(jax.random.key(0), x, k=3, max_iter=50, chunk_size=5)
+    assert float(cb.stats.inertia[int(cb.stats.num_iters)]) == 0.0
+    assert int(cb.stats.num_iters) <= 2
 
 
 def test_peak_memory_does_not_grow_with_n_times_k():
@@ -100,7 +122,7 @@ def test_peak_memory_does_not_grow_with_n_times_k():
         import resource, jax, jax.numpy as jnp, numpy as np
         import vqlib
         x = jax.random.normal(jax.random.key(0), (2_000_000, 32))
-        cb = vqlib.fit(x, "kmeans", k=4096, init="random", max_iter=1, tol=0.0)
+        cb = vqlib.fit(x, "kmeans", k=4096, max_iter=1, tol=0.0)  # default k-means++ init
         cb.centroids.block_until_ready()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         """,

@@ -56,12 +56,13 @@ def test_every_impl_matches_oracle_per_dtype(impl, dtype, key):
     _assert_assignments_close(codes, dists, x.astype(jnp.float32), c.astype(jnp.float32), TOL[dtype])
 
 
+@pytest.mark.parametrize("repeats", [9, 60], ids=["k=45", "k=300 (norms folded into the product)"])
 @pytest.mark.parametrize("block", BLOCKS, ids=str)
-def test_ties_go_to_the_lowest_index(block):
+def test_ties_go_to_the_lowest_index(block, repeats):
     # centroid rows repeat with period 5: every point has exact ties at j, j+5, j+10, ...
     rng = np.random.default_rng(0)
     base = rng.integers(-3, 4, size=(5, 4)).astype(np.float32)
-    c = np.tile(base, (9, 1))
+    c = np.tile(base, (repeats, 1))
     x = np.concatenate([base, rng.integers(-3, 4, size=(200, 4)).astype(np.float32)])
     codes, dists = assign_xla(jnp.asarray(x), jnp.asarray(c), block=block)
     d2 = _oracle(x, base)

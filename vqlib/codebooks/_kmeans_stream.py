@@ -50,9 +50,11 @@ def _padded(chunk, chunk_size: int, d: int):
     chunk = np.asarray(chunk)
     if chunk.ndim != 2 or chunk.shape[1] != d or not 0 < chunk.shape[0] <= chunk_size:
         raise ValueError(
-            f"every chunk must have shape (m, {d}) with 0 < m <= chunk_size={chunk_size}, got {chunk.shape}"
+            f"every chunk must have shape (m, {d}) with 0 < m <= chunk_size={chunk_size} "
+            f"(d as in init and the first chunk), got {chunk.shape}"
         )
-    _checks.check_float_array(chunk, "data chunk")
+    _checks.check_float_dtype(chunk, "data chunk")
+    _checks.check_finite(chunk, "data chunk")
     m = chunk.shape[0]
     x = np.zeros((chunk_size, d), np.float32)
     x[:m] = chunk
@@ -129,6 +131,11 @@ def fit_kmeans_streaming(
         >>> cb.centroids.shape
         (32, 8)
     """
+    if not callable(data) and not hasattr(data, "shape"):
+        raise TypeError(
+            f"data must be an (n, d) array-like or a callable returning a fresh iterable of chunks, got "
+            f"{type(data).__name__}; an iterator can be read only once, so wrap it: data=lambda: make_chunks()"
+        )
     k = _checks.check_int(k, "k", low=1)
     if init_sample_size is not None:
         init_sample_size = _checks.check_int(init_sample_size, "init_sample_size", low=k)
@@ -149,26 +156,30 @@ def fit_kmeans_streaming(
         if centroids.shape[0] != k:
             raise ValueError(f"init must have k={k} rows, got shape {centroids.shape}")
     d = centroids.shape[1]
+    if hasattr(data, "shape") and tuple(data.shape[1:]) != (d,):
+        raise ValueError(f"data has shape {tuple(data.shape)} but init has d={d}; pass (n, {d}) data or matching init")
     num_far = min(k, chunk_size)
     n_chunks = -(-data.shape[0] // chunk_size) if hasattr(data, "shape") else None
     history = np.full((max_iter + 1,), np.nan, np.float32)
     seen = jnp.zeros((k,), jnp.float32)
     reseeded = 0
-    t = 0
+    t, rows = 0, 0
     while True:
         total = None
         desc = f"k-means pass {t + 1}/{max_iter + 1}"
         for chunk in progress(_chunks(data, chunk_size), total=n_chunks, desc=desc, enabled=verbose):
             p = _chunk_stats(*_padded(chunk, chunk_size, d), centroids, num_far=num_far, impl=impl)
+            rows += len(chunk) if t == 0 else 0
             if minibatch and t < max_iter:
                 centroids, seen, num_reseeded = _minibatch_step(centroids, seen, p)
                 reseeded += int(num_reseeded)
             total = p if total is None else _merge(total, p)
         if total is None:
             raise ValueError("data yielded no chunks; pass a non-empty array or iterable")
+        _checks.check_num_codes(k, rows)
         history[t] = float(total.inertia)
         converged = t > 0 and history[t - 1] - history[t] < tol * history[t - 1]
-        if t >= max_iter or converged:
+        if t >= max_iter or converged or history[t] <= 0:
             break
         if not minibatch:
             centroids, num_reseeded = _update(centroids, total)
