@@ -3,8 +3,9 @@
 Same data, same initial centroids, exact Lloyd everywhere (faiss subsampling off). Seconds
 per iteration are (T(iters) - T(iters_short)) / (iters - iters_short), which cancels set-up and
 the final assignment, each T the median of `--repeats` runs; vqlib is compiled before timing.
-Peak memory is the largest RSS growth over the process's resting RSS while a fit runs (sampled
-every 5 ms). The machine's float32
+Memory: for each library a fresh process loads the data, then runs one 5-iteration fit; we report
+its RSS with the data loaded and its peak RSS during the fit (sampled every 5 ms; includes JAX's
+compilation for vqlib). The machine's float32
 matmul rate is measured in the same run, and the assignment's share of it (2 n k d flops per
 iteration) is the honest measure of how close to the limit each library runs.
 
@@ -20,6 +21,8 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
+import sys
 import threading
 import time
 
@@ -35,12 +38,11 @@ QUICK_SHAPES = [(20_000, 32, 64), (50_000, 64, 256)]
 
 
 class PeakRSS:
-    """Context manager: the largest RSS growth (bytes) above the RSS at entry."""
+    """Context manager: the process's RSS at entry (`before`) and its largest RSS inside (`peak`), bytes."""
 
     def __enter__(self):
         self._proc = psutil.Process()
-        self._base = self._proc.memory_info().rss
-        self.peak = 0
+        self.before = self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -48,13 +50,13 @@ class PeakRSS:
 
     def _sample(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+            self.peak = max(self.peak, self._proc.memory_info().rss)
             time.sleep(0.005)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def matmul_rate() -> dict:
@@ -117,18 +119,44 @@ def median_seconds(run, repeats):
     return float(np.median(times)), centroids
 
 
+def make_problem(n, d, k):
+    """Structured data and k initial centroids drawn from it, the same for every library."""
+    x = np.asarray(vqlib.testing.clustered(jax.random.key(0), n, d, num_clusters=4 * k, intrinsic_dim=min(d, 32)))
+    return x, x[np.random.default_rng(0).choice(n, k, replace=False)]
+
+
+def run_vqlib_default_init(x, init, iters):
+    cb = vqlib.fit(x, "kmeans", k=len(init), max_iter=iters, tol=0.0)  # k-means++ on a subsample
+    return np.asarray(cb.centroids)
+
+
+def memory_probe(library, n, d, k, iters):
+    """In this (fresh) process: RSS with the data loaded, and peak RSS while one fit runs
+    (compilation included for vqlib). Prints JSON for `fresh_process_memory`."""
+    x, init = make_problem(n, d, k)
+    run = {**PEERS, "vqlib-default-init": run_vqlib_default_init}[library]
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        run(x, init, iters)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"before_gb": mem.before / 2**30, "peak_gb": mem.peak / 2**30, "seconds": seconds}))
+
+
+def fresh_process_memory(library, n, d, k, iters=5):
+    command = [sys.executable, __file__, "--memory-probe", library, str(n), str(d), str(k), str(iters)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bench_shape(n, d, k, iters, short, rate, repeats):
-    rng = np.random.default_rng(0)
-    x = vqlib.testing.clustered(jax.random.key(0), n, d, num_clusters=4 * k, intrinsic_dim=min(d, 32))
-    x = np.asarray(x)
-    init = x[rng.choice(n, k, replace=False)]
+    x, init = make_problem(n, d, k)
     run_vqlib(x, init, iters)  # compile both iteration counts before timing
     run_vqlib(x, init, short)
     rows = []
     for name, run in PEERS.items():
         t_short, _ = median_seconds(functools.partial(run, x, init, short), repeats)
-        with PeakRSS() as mem:
-            t_long, centroids = median_seconds(functools.partial(run, x, init, iters), repeats)
+        t_long, centroids = median_seconds(functools.partial(run, x, init, iters), repeats)
+        mem = fresh_process_memory(name, n, d, k)
         per_iter = (t_long - t_short) / (iters - short)
         rows.append(
             {
@@ -141,7 +169,8 @@ def bench_shape(n, d, k, iters, short, rate, repeats):
                 "assign_gflops": 2 * n * k * d / per_iter / 1e9,
                 "fraction_of_matmul": 2 * n * k * d / per_iter / 1e9 / rate["best_gflops"],
                 "inertia": inertia(x, centroids),
-                "peak_extra_rss_gb": mem.peak / 2**30,
+                "rss_with_data_gb": mem["before_gb"],
+                "peak_rss_gb": mem["peak_gb"],
             }
         )
     base = {r["library"]: r for r in rows}["vqlib"]
@@ -203,22 +232,18 @@ def bench_batched(b=1024, n=512, d=64, k=16, iters=20, short=5, repeats=3):
 
 
 def bench_memory(n=2_000_000, d=32, k=4096, iters=3):
-    """vqlib alone at a size where the naive (n, k) float32 matrix would need n*k*4 bytes."""
-    x = jax.random.normal(jax.random.key(0), (n, d))
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        cb = vqlib.fit(x, "kmeans", k=k, max_iter=iters, tol=0.0)
-        cb.centroids.block_until_ready()
-        seconds = time.perf_counter() - start
+    """vqlib alone, default k-means++ init, at a size where the naive (n, k) float32 distance
+    matrix would need n*k*4 bytes; measured in a fresh process."""
+    mem = fresh_process_memory("vqlib-default-init", n, d, k, iters)
     return {
         "n": n,
         "d": d,
         "k": k,
         "iters": iters,
-        "seconds_with_init_and_compile": seconds,
+        "seconds_with_init_and_compile": mem["seconds"],
         "naive_distance_matrix_gb": n * k * 4 / 2**30,
-        "peak_extra_rss_gb": mem.peak / 2**30,
-        "process_peak_rss_gb": psutil.Process().memory_info().rss / 2**30,
+        "rss_with_data_gb": mem["before_gb"],
+        "peak_rss_gb": mem["peak_gb"],
         "data_gb": n * d * 4 / 2**30,
     }
 
@@ -227,8 +252,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per timing; the median is kept")
+    parser.add_argument("--memory-probe", nargs=5, metavar=("LIBRARY", "N", "D", "K", "ITERS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "kmeans_cpu.json"))
     args = parser.parse_args()
+    if args.memory_probe:
+        library, *sizes = args.memory_probe
+        return memory_probe(library, *map(int, sizes))
     rate = matmul_rate()
     print(f"float32 matmul 4096^3: jax {rate['jax_gflops']:.0f} GFLOP/s, numpy {rate['numpy_gflops']:.0f} GFLOP/s")
     rows = []
@@ -237,13 +266,13 @@ def main():
         rows += bench_shape(n, d, k, iters=iters, short=short, rate=rate, repeats=args.repeats)
     print(
         f"\n{'n':>9} {'d':>4} {'k':>5} {'library':<13} {'s/iter':>8} {'x vqlib':>8} {'GFLOP/s':>8} "
-        f"{'of matmul':>9} {'inertia/vqlib':>13} {'peak +GB':>8}"
+        f"{'of matmul':>9} {'inertia/vqlib':>13} {'RSS GB':>7} {'peak GB':>8}"
     )
     for r in rows:
         print(
             f"{r['n']:>9} {r['d']:>4} {r['k']:>5} {r['library']:<13} {r['seconds_per_iter']:>8.4f} "
             f"{r['time_ratio_vs_vqlib']:>8.2f} {r['assign_gflops']:>8.0f} {r['fraction_of_matmul']:>9.0%} "
-            f"{r['inertia_ratio_vs_vqlib']:>13.6f} {r['peak_extra_rss_gb']:>8.2f}"
+            f"{r['inertia_ratio_vs_vqlib']:>13.6f} {r['rss_with_data_gb']:>7.2f} {r['peak_rss_gb']:>8.2f}"
         )
     batched = bench_batched(b=64 if args.quick else 1024)
     head = batched[0]
@@ -257,9 +286,10 @@ def main():
     memory = None if args.quick else bench_memory()
     if memory:
         print(
-            f"\nvqlib n={memory['n']:,} d={memory['d']} k={memory['k']}: peak extra RSS "
-            f"{memory['peak_extra_rss_gb']:.2f} GB (data {memory['data_gb']:.2f} GB; a naive distance matrix "
-            f"would be {memory['naive_distance_matrix_gb']:.0f} GB), {memory['seconds_with_init_and_compile']:.1f} s"
+            f"\nvqlib n={memory['n']:,} d={memory['d']} k={memory['k']}, fresh process: peak RSS "
+            f"{memory['peak_rss_gb']:.2f} GB ({memory['rss_with_data_gb']:.2f} GB with the data loaded; data "
+            f"{memory['data_gb']:.2f} GB; a naive distance matrix would be "
+            f"{memory['naive_distance_matrix_gb']:.0f} GB), {memory['seconds_with_init_and_compile']:.1f} s"
         )
     result = {
         "date": time.strftime("%Y-%m-%d"),
