@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -270,7 +271,7 @@ def _fit_sharded(key, x, w, init_array, axis, *, k, init, init_sample_size, **op
     return KMeansCodebook(centroids=c, stats=stats)
 
 
-def _fit_options(x, k, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl, batch_shape=()):
+def _fit_options(x, k, *, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl, batch_shape=()):
     """Validates fit_kmeans's arguments; returns (weights, init array or None, static options)."""
     n, d = x.shape[-2:]
     k = _checks.check_num_codes(k, n)
@@ -352,7 +353,16 @@ def fit_kmeans(
     """
     x = _checks.check_float_array(x, "x", ndim=2)
     w, init_array, static = _fit_options(
-        x, k, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl
+        x,
+        k,
+        init=init,
+        max_iter=max_iter,
+        tol=tol,
+        sample_weight=sample_weight,
+        init_sample_size=init_sample_size,
+        num_far=num_far,
+        update=update,
+        impl=impl,
     )
     axis = _sharded_axis(x)
     if axis is not None:
@@ -360,28 +370,23 @@ def fit_kmeans(
     return _fit(key, x, w, init_array, **static)
 
 
-def fit_kmeans_batched(
-    key,
-    xs,
-    *,
-    k: int,
-    init="k-means++",
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    sample_weight=None,
-    init_sample_size: int | None = None,
-    num_far: int | None = None,
-    update: str = "auto",
-    impl: str = "auto",
-) -> KMeansCodebook:
+# fit_kmeans's options and defaults, the one source for fit_kmeans_batched
+_FIT_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(fit_kmeans).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "k"
+}
+
+
+def fit_kmeans_batched(key, xs, *, k: int, **options) -> KMeansCodebook:
     """Many independent k-means problems in one compiled call (vmapped over the leading axis).
 
     Args:
         key: split into one key per problem.
         xs: (b, n, d) points; problem i is xs[i].
-        init: as `fit_kmeans`, or an array (b, k, d).
-        sample_weight: None or (b, n).
-        Other arguments as `fit_kmeans`.
+        k: centroids per problem.
+        **options: those of `fit_kmeans`, with the same defaults; `init` may be an array
+            (b, k, d) and `sample_weight` (b, n).
 
     Returns:
         A KMeansCodebook whose leaves carry the batch axis: centroids (b, k, d).
@@ -392,11 +397,12 @@ def fit_kmeans_batched(
         >>> vqlib.codebooks.fit_kmeans_batched(jax.random.key(0), xs, k=16).centroids.shape
         (4, 16, 8)
     """
+    unknown = sorted(set(options) - set(_FIT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; valid options are {sorted(_FIT_DEFAULTS)}")
+    options = {**_FIT_DEFAULTS, **options}
     xs = _checks.check_float_array(xs, "xs", ndim=3)
-    batch_shape = xs.shape[:1]
-    w, init_array, static = _fit_options(
-        xs, k, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl, batch_shape
-    )
+    w, init_array, static = _fit_options(xs, k, **options, batch_shape=xs.shape[:1])
     keys = jax.random.split(key, xs.shape[0])
     return _fit_many(keys, xs, w, init_array, static=tuple(sorted(static.items())))
 
