@@ -24,11 +24,8 @@ def check_float_array(x, name: str, *, ndim: int | None = None) -> jax.Array:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = np.asarray(x)
     check_float_dtype(x, name)
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(
-            f"{name} must be {ndim}-D, got shape {tuple(x.shape)}"
-            + ("; reshape it to (n, d) or use jax.vmap for a batch of problems" if ndim == 2 else "")
-        )
+    if ndim is not None:
+        check_rank(x, ndim, name, "; reshape it to (n, d) or use jax.vmap for a batch of problems" if ndim == 2 else "")
     check_finite(x, name)
     return jnp.asarray(x)
 
@@ -53,15 +50,11 @@ def check_finite(x, name: str) -> None:
         return
     if np.all(np.isfinite(x)) if isinstance(x, np.ndarray) else bool(_all_finite(x)):
         return
-    where = ""
+    found = "NaN or inf values"
     if getattr(x, "is_fully_addressable", True):
         bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))
-        where = f" {len(bad)}"
-        first = f" (first at index {tuple(int(i) for i in bad[0])})"
-    raise ValueError(
-        f"{name} contains{where} NaN or inf values{first if where else ''}; "
-        "remove or impute them before fitting or encoding"
-    )
+        found = f"{len(bad)} NaN or inf values (first at index {tuple(int(i) for i in bad[0])})"
+    raise ValueError(f"{name} contains {found}; remove or impute them before fitting or encoding")
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:

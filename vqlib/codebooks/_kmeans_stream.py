@@ -35,6 +35,7 @@ from vqlib.codebooks._kmeans import (
     _merge,
     _pass_stats,
     _update,
+    default_init_sample_size,
     initial_centroids,
 )
 
@@ -146,7 +147,7 @@ def fit_kmeans_streaming(
     if isinstance(init, str):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS} or an array of shape (k, d), got {init!r}")
-        target = init_sample_size or max(64 * k, 20_000)  # as default_init_sample_size, n unknown yet
+        target = init_sample_size or default_init_sample_size(np.iinfo(np.int64).max, k)  # n unknown yet
         sample, n = _reservoir(data, chunk_size, target, rng)
         _checks.check_num_codes(k, n)
         ones = jnp.ones((sample.shape[0],), jnp.float32)
