@@ -3,8 +3,13 @@
 from vqlib import codebooks as codebooks
 from vqlib import kernels as kernels
 from vqlib import testing as testing
+from vqlib._compose import ResidualChain as ResidualChain
+from vqlib._compose import quantizer as quantizer
+from vqlib._compose import residual as residual
 from vqlib._fit import METHODS as METHODS
+from vqlib._fit import adc_tables as adc_tables
 from vqlib._fit import assign as assign
+from vqlib._fit import code_layout as code_layout
 from vqlib._fit import decode as decode
 from vqlib._fit import encode as encode
 from vqlib._fit import fit as fit

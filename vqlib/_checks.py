@@ -86,6 +86,15 @@ def check_nonnegative_float(value, name: str) -> float:
     return float(value)
 
 
+def check_divisible(d: int, m: int, name: str = "d", by: str = "m") -> None:
+    if d % m:
+        padded = m * -(-d // m)
+        raise ValueError(
+            f"{name}={d} is not divisible by {by}={m}; pad the vectors with zero columns to {padded} "
+            f"(jnp.pad(x, ((0, 0), (0, {padded - d})))) or choose a {by} that divides {d}"
+        )
+
+
 def check_rank(a, ndim: int, name: str, hint: str = "") -> None:
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}{hint}")
@@ -113,12 +122,17 @@ def check_sample_weight(sample_weight, n: int, batch_shape: tuple[int, ...] = ()
     return w.astype(jnp.float32)
 
 
-def check_codes(codes, num_codes: int, name: str = "codes") -> jax.Array:
-    """Checks integer codes in [0, num_codes); returns them as int32."""
+def check_codes(codes, num_codes: int, name: str = "codes", *, width: int | None = None) -> jax.Array:
+    """Checks integer codes in [0, num_codes), of shape (n, width) when `width` is given; returns int32."""
     if not hasattr(codes, "dtype"):
         codes = np.asarray(codes)
     if not jnp.issubdtype(codes.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {codes.dtype}")
+    if width is not None and (codes.ndim != 2 or codes.shape[1] != width):
+        raise ValueError(
+            f"{name} must have shape (n, {width}) for this codebook (one code per codebook), got {tuple(codes.shape)};"
+            " were they encoded with another codebook?"
+        )
     if is_concrete(codes) and codes.size:
         c = np.asarray(codes)
         lo, hi = int(c.min()), int(c.max())

@@ -11,21 +11,57 @@ import inspect
 import jax
 
 from vqlib import _checks
-from vqlib._types import Quantizer
-from vqlib.codebooks import _kmeans
+from vqlib._types import CodeLayout, Quantizer
+from vqlib.codebooks import _additive, _kmeans, _product
 from vqlib.kernels import assign as assign_op
 
+_PQ = (_product.encode, _product.decode, _product.layout, _product.adc_tables)
+_ADDITIVE = (_additive.encode, _additive.decode, _additive.layout, _additive.adc_tables)
 METHODS: dict[str, tuple[type, Quantizer]] = {
-    "kmeans": (_kmeans.KMeansCodebook, Quantizer(_kmeans.fit_kmeans, _kmeans.encode, _kmeans.decode)),
+    "kmeans": (_kmeans.KMeansCodebook, Quantizer(_kmeans.fit_kmeans, _kmeans.encode, _kmeans.decode, _kmeans.layout)),
+    "pq": (_product.ProductCodebook, Quantizer(_product.fit_pq, *_PQ)),
+    "opq": (_product.ProductCodebook, Quantizer(_product.fit_opq, *_PQ)),
+    "rvq": (_additive.AdditiveCodebook, Quantizer(_additive.fit_rvq, *_ADDITIVE)),
+    "aq": (_additive.AdditiveCodebook, Quantizer(_additive.fit_aq, *_ADDITIVE)),
 }
 
 
+# Codebook type -> its Quantizer; the first method of a type (e.g. "pq" for "pq" and "opq") wins.
+_BY_TYPE: dict[type, Quantizer] = {}
+for _cls, _quantizer in METHODS.values():
+    _BY_TYPE.setdefault(_cls, _quantizer)
+
+
+def register(cls: type, quantizer: Quantizer) -> None:
+    """Lets `encode` / `decode` / `code_layout` / `adc_tables` take codebooks of type `cls`."""
+    _BY_TYPE[cls] = quantizer
+
+
 def _quantizer_for(codebook) -> Quantizer:
-    for cls, quantizer in METHODS.values():
-        if type(codebook) is cls:
-            return quantizer
-    known = ", ".join(cls.__name__ for cls, _ in METHODS.values())
-    raise TypeError(f"expected a vqlib codebook ({known}), got {type(codebook).__name__}")
+    quantizer = _BY_TYPE.get(type(codebook))
+    if quantizer is None:
+        known = ", ".join(sorted(cls.__name__ for cls in _BY_TYPE))
+        raise TypeError(f"expected a vqlib codebook ({known}), got {type(codebook).__name__}")
+    return quantizer
+
+
+def method_quantizer(name: str) -> Quantizer:
+    """The Quantizer of a method name in `METHODS`."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name][1]
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raises TypeError for options the method's fit does not take, or required ones missing."""
+    params = inspect.signature(method_quantizer(name).fit).parameters
+    allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {name!r}; valid options are {allowed}")
+    missing = [p for p in allowed if params[p].default is inspect.Parameter.empty and p not in options]
+    if missing:
+        raise TypeError(f"method {name!r} needs option(s) {missing}, e.g. vqlib.fit(x, {name!r}, {missing[0]}=...)")
 
 
 def fit(x, method: str, *, key=None, **options):
@@ -33,10 +69,10 @@ def fit(x, method: str, *, key=None, **options):
 
     Args:
         x: (n, d) training vectors.
-        method: one of `vqlib.METHODS` ("kmeans", ...).
+        method: one of `vqlib.METHODS`: "kmeans", "pq", "opq", "rvq", "aq".
         key: PRNG key; defaults to `jax.random.key(0)`, so the same call gives the same result.
-        **options: the method's options, e.g. for "kmeans": k, init, max_iter, tol, sample_weight
-            (see `vqlib.codebooks.fit_kmeans`).
+        **options: the method's options, e.g. k, m, beam, max_iter, sample_weight (see
+            `vqlib.codebooks.fit_kmeans`, `fit_pq`, `fit_opq`, `fit_rvq`, `fit_aq`).
 
     Returns:
         An immutable codebook pytree.
@@ -48,18 +84,8 @@ def fit(x, method: str, *, key=None, **options):
         >>> vqlib.decode(cb, vqlib.encode(cb, x)).shape
         (500, 8)
     """
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    fit_fn = METHODS[method][1].fit
-    params = inspect.signature(fit_fn).parameters
-    allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options are {allowed}")
-    missing = [p for p in allowed if params[p].default is inspect.Parameter.empty and p not in options]
-    if missing:
-        raise TypeError(f"method {method!r} needs option(s) {missing}, e.g. vqlib.fit(x, {method!r}, {missing[0]}=...)")
-    return fit_fn(jax.random.key(0) if key is None else key, x, **options)
+    check_options(method, options)
+    return method_quantizer(method).fit(jax.random.key(0) if key is None else key, x, **options)
 
 
 def encode(codebook, x) -> jax.Array:
@@ -70,6 +96,29 @@ def encode(codebook, x) -> jax.Array:
 def decode(codebook, codes) -> jax.Array:
     """Codes -> reconstructed vectors (..., d)."""
     return _quantizer_for(codebook).decode(codebook, codes)
+
+
+def code_layout(codebook) -> CodeLayout:
+    """Codes per vector, codes per codebook and side bits: `code_layout(cb).bits` is the width
+    `vqlib.codebooks.pack_codes` packs at, `.bits_per_vector` the storage of one vector."""
+    return _quantizer_for(codebook).layout(codebook)
+
+
+def adc_tables(codebook, queries, *, metric: str = "l2") -> jax.Array:
+    """Queries (q, d) -> (q, m, k) lookup tables: sum_j tables[i, j, codes[j]] scores query i
+    against a code row without decoding it (see `vqlib.codebooks.adc_lookup`).
+
+    Example:
+        >>> import jax, vqlib
+        >>> x = jax.random.normal(jax.random.key(1), (500, 8))
+        >>> cb = vqlib.fit(x, "pq", m=4, k=16)
+        >>> vqlib.adc_tables(cb, x[:3]).shape
+        (3, 4, 16)
+    """
+    quantizer = _quantizer_for(codebook)
+    if quantizer.tables is None:
+        raise NotImplementedError(f"{type(codebook).__name__} codes have no lookup tables; decode them instead")
+    return quantizer.tables(codebook, queries, metric=metric)
 
 
 def assign(x, centroids) -> tuple[jax.Array, jax.Array]:

@@ -26,13 +26,35 @@ def pytree_dataclass(cls):
     return cls
 
 
+class CodeLayout(NamedTuple):
+    """What one encoded vector holds: `num_codebooks` codes in [0, num_codes), plus `side_bits`
+    of side data stored beside them (a norm, a scale); `bits_per_vector` counts both."""
+
+    num_codebooks: int
+    num_codes: int
+    side_bits: int = 0
+
+    @property
+    def bits(self) -> int:
+        """Bits per code: the width `vqlib.codebooks.pack_codes` packs at."""
+        return max(1, (self.num_codes - 1).bit_length())
+
+    @property
+    def bits_per_vector(self) -> int:
+        return self.num_codebooks * self.bits + self.side_bits
+
+
 class Quantizer(NamedTuple):
-    """A quantization method as three pure functions (cf. optax.GradientTransformation).
+    """A quantization method as pure functions (cf. optax.GradientTransformation).
 
     fit(key, x, **options) -> codebook; encode(codebook, x) -> int32 codes;
-    decode(codebook, codes) -> vectors.
+    decode(codebook, codes) -> vectors; layout(codebook) -> CodeLayout;
+    tables(codebook, queries, metric=) -> (q, m, k) ADC lookup tables, or None when the
+    codes do not support table lookups.
     """
 
     fit: Callable[..., Any]
     encode: Callable[[Any, jax.Array], jax.Array]
     decode: Callable[[Any, jax.Array], jax.Array]
+    layout: Callable[[Any], CodeLayout]
+    tables: Callable[..., jax.Array] | None = None

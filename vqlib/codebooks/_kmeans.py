@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vqlib import _checks
-from vqlib._types import pytree_dataclass
+from vqlib._types import CodeLayout, pytree_dataclass
 from vqlib.kernels import assign as assign_op
 from vqlib.kernels.assign import check_impl
 
@@ -441,3 +441,8 @@ def decode(cb: KMeansCodebook, codes) -> jax.Array:
     _check_single(cb)
     codes = _checks.check_codes(codes, cb.centroids.shape[0])
     return _decode(cb.centroids, codes)
+
+
+def layout(cb: KMeansCodebook) -> CodeLayout:
+    """One code per vector, in [0, k)."""
+    return CodeLayout(1, cb.centroids.shape[-2])

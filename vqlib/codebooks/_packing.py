@@ -1,0 +1,84 @@
+"""Packed storage: int32 codes of a stated bit-width <-> a dense little-endian byte stream.
+
+Codes are int32 in compute; storage (files, indexes, compressed weights) packs each row of m
+codes of `bits` bits into ceil(m * bits / 8) bytes, code j occupying bits [j * bits, (j + 1) * bits)
+of the row, least significant bit first. bits = 8 is one byte per code; bits = 16 two bytes,
+little-endian; bits = 4 two codes per byte, code 0 in the low nibble (faiss's order).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vqlib import _checks
+
+MAX_BITS = 16
+
+
+def _check_bits(bits) -> int:
+    return _checks.check_int(bits, "bits", low=1, high=MAX_BITS)
+
+
+def packed_width(m: int, bits: int) -> int:
+    """Bytes per row of m codes of `bits` bits."""
+    return -(-m * bits // 8)
+
+
+def pack_codes(codes, bits: int) -> jax.Array:
+    """Packs (..., m) integer codes, each in [0, 2**bits), into (..., ceil(m * bits / 8)) uint8.
+
+    Concrete codes that do not fit raise ValueError (never truncated); under jit the values
+    cannot be checked and only the low `bits` bits of each code are kept.
+
+    Example:
+        >>> import numpy as np, vqlib
+        >>> packed = vqlib.codebooks.pack_codes(np.array([[1, 2, 3]]), bits=4)
+        >>> packed.tolist(), vqlib.codebooks.unpack_codes(packed, bits=4, m=3).tolist()
+        ([[33, 3]], [[1, 2, 3]])
+    """
+    bits = _check_bits(bits)
+    if not hasattr(codes, "dtype"):
+        codes = np.asarray(codes)
+    if codes.ndim < 1:
+        raise ValueError("codes must have shape (..., m), got a scalar; use codes[None] for one code")
+    codes = _checks.check_codes(codes, 2**bits, name=f"codes (packed at bits={bits})")
+    return _pack(codes, bits)
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def _pack(codes, bits: int):
+    m = codes.shape[-1]
+    stream = (codes[..., None] >> jnp.arange(bits, dtype=jnp.int32)) & 1  # (..., m, bits)
+    stream = stream.reshape(*codes.shape[:-1], m * bits)
+    pad = packed_width(m, bits) * 8 - m * bits
+    stream = jnp.pad(stream, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+    stream = stream.reshape(*codes.shape[:-1], -1, 8)
+    return jnp.sum(stream << jnp.arange(8, dtype=jnp.int32), axis=-1).astype(jnp.uint8)
+
+
+def unpack_codes(packed, bits: int, m: int) -> jax.Array:
+    """Inverse of `pack_codes`: (..., ceil(m * bits / 8)) uint8 -> (..., m) int32."""
+    bits = _check_bits(bits)
+    m = _checks.check_int(m, "m", low=1)
+    if not hasattr(packed, "dtype"):
+        packed = np.asarray(packed)
+    if packed.dtype != np.uint8:
+        raise TypeError(f"packed must be uint8 (the output of pack_codes), got dtype {packed.dtype}")
+    if packed.ndim < 1 or packed.shape[-1] != packed_width(m, bits):
+        raise ValueError(
+            f"packed has {packed.shape[-1] if packed.ndim else 0} bytes per row but m={m} codes of {bits} bits "
+            f"need {packed_width(m, bits)}; pass the m and bits the codes were packed with"
+        )
+    return _unpack(jnp.asarray(packed), bits, m)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "m"))
+def _unpack(packed, bits: int, m: int):
+    stream = (packed[..., None].astype(jnp.int32) >> jnp.arange(8, dtype=jnp.int32)) & 1  # (..., bytes, 8)
+    stream = stream.reshape(*packed.shape[:-1], -1)[..., : m * bits]
+    stream = stream.reshape(*packed.shape[:-1], m, bits)
+    return jnp.sum(stream << jnp.arange(bits, dtype=jnp.int32), axis=-1)
