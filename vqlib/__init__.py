@@ -2,8 +2,11 @@
 
 from vqlib import codebooks as codebooks
 from vqlib import kernels as kernels
+from vqlib import nn as nn
 from vqlib import testing as testing
+from vqlib._compose import DimWeighted as DimWeighted
 from vqlib._compose import ResidualChain as ResidualChain
+from vqlib._compose import dim_weighted as dim_weighted
 from vqlib._compose import quantizer as quantizer
 from vqlib._compose import residual as residual
 from vqlib._fit import METHODS as METHODS

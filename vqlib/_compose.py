@@ -1,4 +1,5 @@
-"""Quantizers built from quantizers, in the optax manner: `residual(q1, q2, ...)` is a Quantizer.
+"""Quantizers built from quantizers, in the optax manner: `residual(q1, q2, ...)` and
+`dim_weighted(q, w)` are Quantizers.
 
     >>> import jax, vqlib
     >>> coarse_then_pq = vqlib.residual(vqlib.quantizer("kmeans", k=64), vqlib.quantizer("pq", m=4, k=16))
@@ -8,14 +9,18 @@
     >>> vqlib.decode(cb, codes).shape
     (2000, 16)
 
-Stage j is fitted to, and encodes, the residual x - (decoded stages < j), greedily; the codes
+`residual`: stage j is fitted to, and encodes, the residual x - (decoded stages < j), greedily; the codes
 of all stages sit side by side in one (n, sum of m_j) int32 array. The chain is a codebook like
 any other: `vqlib.encode` / `decode` / `save` / `load` take it.
+
+`dim_weighted(q, w)` fits q to x * sqrt(w), so that its encoder and fit minimise the weighted
+error sum_j w_j (x_j - x_hat_j)^2 (e.g. w = the diagonal of a layer's input Hessian).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +119,66 @@ def layout(cb: ResidualChain) -> CodeLayout:
 
 
 _fit.register(ResidualChain, Quantizer(None, encode, decode, layout))  # built by residual(), not by name
+
+
+@pytree_dataclass
+class DimWeighted:
+    """A codebook of x * scale: decode divides by scale again.
+
+    Attributes:
+        inner: the codebook fitted to x * scale.
+        scale: (d,) float32, the square roots of the dimension weights.
+    """
+
+    inner: Any
+    scale: jax.Array
+
+
+def dim_weighted(quantizer: Quantizer, dim_weights) -> Quantizer:
+    """Weights the squared error of dimension j by dim_weights[j] (> 0) in fit and encode.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, vqlib
+        >>> q = vqlib.dim_weighted(vqlib.quantizer("pq", m=2, k=8), jnp.array([4.0, 4.0, 1.0, 1.0]))
+        >>> cb = q.fit(jax.random.key(0), jax.random.normal(jax.random.key(1), (100, 4)))
+        >>> cb.scale.tolist()
+        [2.0, 2.0, 1.0, 1.0]
+    """
+    w = _checks.check_float_array(dim_weights, "dim_weights", ndim=1)
+    if _checks.is_concrete(w) and not bool(jnp.all(w > 0)):
+        raise ValueError("dim_weights must be > 0 everywhere; drop a dimension instead of giving it weight 0")
+    scale = jnp.sqrt(w.astype(jnp.float32))
+
+    def fit(key, x):
+        x = _checks.check_float_array(x, "x", ndim=2)
+        _checks.check_dim(x, scale.shape[0], what="dim_weights has")
+        return DimWeighted(quantizer.fit(key, x.astype(jnp.float32) * scale[None]), scale)
+
+    return Quantizer(fit, weighted_encode, weighted_decode, weighted_layout, weighted_tables)
+
+
+def weighted_encode(cb: DimWeighted, x) -> jax.Array:
+    x = _checks.check_float_array(x, "x", ndim=2)
+    _checks.check_dim(x, cb.scale.shape[0])
+    return _fit.encode(cb.inner, x.astype(jnp.float32) * cb.scale[None])
+
+
+def weighted_decode(cb: DimWeighted, codes) -> jax.Array:
+    return _fit.decode(cb.inner, codes) / cb.scale[None]
+
+
+def weighted_layout(cb: DimWeighted) -> CodeLayout:
+    return _fit.code_layout(cb.inner)
+
+
+def weighted_tables(cb: DimWeighted, queries, *, metric: str = "l2") -> jax.Array:
+    """Inner-product tables only: <q, x_hat> = <q / scale, inner x_hat>; an L2 distance in the
+    original space does not split over the inner codebook's tables."""
+    if metric != "ip":
+        raise NotImplementedError("a dim_weighted codebook has inner-product tables only; use metric='ip' or decode")
+    queries = _checks.check_float_array(queries, "queries", ndim=2)
+    _checks.check_dim(queries, cb.scale.shape[0], "queries")
+    return _fit.adc_tables(cb.inner, queries.astype(jnp.float32) / cb.scale[None], metric="ip")
+
+
+_fit.register(DimWeighted, Quantizer(None, weighted_encode, weighted_decode, weighted_layout, weighted_tables))

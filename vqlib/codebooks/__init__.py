@@ -1,5 +1,6 @@
 """Codebook primitives: each an immutable pytree with fit / encode / decode functions."""
 
+from vqlib.codebooks._adc import adc_lookup as adc_lookup
 from vqlib.codebooks._additive import AdditiveCodebook as AdditiveCodebook
 from vqlib.codebooks._additive import fit_aq as fit_aq
 from vqlib.codebooks._additive import fit_rvq as fit_rvq

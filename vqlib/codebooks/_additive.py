@@ -63,7 +63,7 @@ def _beam_step(state, codebook, norms, j: int, beam: int):
     """Extends every partial code by each of the k rows of codebook (stage j); keeps the `beam` best."""
     residual, err, codes = state
     k = codebook.shape[0]
-    scores = err[:, None] - 2.0 * jnp.matmul(residual, codebook.T, precision=_HIGHEST) + norms  # (B, k)
+    scores = err[:, None] - 2.0 * jnp.matmul(residual, codebook.T, precision=_HIGHEST) + norms[None]  # (B, k)
     neg, flat = lax.top_k(-scores.reshape(-1), min(beam, scores.size))
     parent, code = flat // k, flat % k
     return residual[parent] - codebook[code], -neg, codes[parent].at[:, j].set(code)
@@ -205,7 +205,7 @@ def _least_squares(codes, x, w, ridge, *, k: int):
     """Codebooks (m, k, d) minimising sum_i w_i ||x_i - sum_j C_j[codes_ij]||^2 + ridge ||C||^2."""
     n, m = codes.shape
     size = m * k
-    flat = codes + jnp.arange(m, dtype=jnp.int32) * k  # (n, m) column of B holding the 1
+    flat = codes + (jnp.arange(m, dtype=jnp.int32) * k)[None]  # (n, m) column of B holding the 1
     pairs = (flat[:, :, None] * size + flat[:, None, :]).reshape(-1)
     gram = jax.ops.segment_sum(jnp.repeat(w, m * m), pairs, num_segments=size * size).reshape(size, size)
     rhs = jnp.concatenate([jax.ops.segment_sum(w[:, None] * x, codes[:, j], num_segments=k) for j in range(m)])
@@ -222,7 +222,7 @@ def fit_aq(
     k: int = 256,
     beam: int = 8,
     sweeps: int = 2,
-    num_rounds: int = 10,
+    num_rounds: int = 20,
     ridge: float = 1e-2,
     max_iter: int = 25,
     sample_weight=None,
@@ -243,7 +243,7 @@ def fit_aq(
         x: (n, d) training vectors.
         m: number of codebooks; k: rows per codebook.
         beam: beam width of the encoder; sweeps: ICM rounds after the beam search.
-        num_rounds: alternations of (codebooks, codes).
+        num_rounds: alternations of (codebooks, codes); stops early when a round does not help.
         ridge: Tikhonov term of the least squares (faiss's LSQ lambd).
         max_iter: Lloyd iterations per stage of the RVQ initialisation.
         sample_weight: (n,) non-negative weights of the least squares and k-means.

@@ -49,15 +49,20 @@ def pack_codes(codes, bits: int) -> jax.Array:
     return _pack(codes, bits)
 
 
+def _positions(count: int, ndim: int):
+    """0 .. count-1 along the last of `ndim` axes (bit positions, broadcast without rank promotion)."""
+    return jnp.arange(count, dtype=jnp.int32).reshape((1,) * (ndim - 1) + (count,))
+
+
 @functools.partial(jax.jit, static_argnames="bits")
 def _pack(codes, bits: int):
     m = codes.shape[-1]
-    stream = (codes[..., None] >> jnp.arange(bits, dtype=jnp.int32)) & 1  # (..., m, bits)
+    stream = (codes[..., None] >> _positions(bits, codes.ndim + 1)) & 1  # (..., m, bits)
     stream = stream.reshape(*codes.shape[:-1], m * bits)
     pad = packed_width(m, bits) * 8 - m * bits
     stream = jnp.pad(stream, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
     stream = stream.reshape(*codes.shape[:-1], -1, 8)
-    return jnp.sum(stream << jnp.arange(8, dtype=jnp.int32), axis=-1).astype(jnp.uint8)
+    return jnp.sum(stream << _positions(8, stream.ndim), axis=-1).astype(jnp.uint8)
 
 
 def unpack_codes(packed, bits: int, m: int) -> jax.Array:
@@ -78,7 +83,7 @@ def unpack_codes(packed, bits: int, m: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("bits", "m"))
 def _unpack(packed, bits: int, m: int):
-    stream = (packed[..., None].astype(jnp.int32) >> jnp.arange(8, dtype=jnp.int32)) & 1  # (..., bytes, 8)
+    stream = (packed[..., None].astype(jnp.int32) >> _positions(8, packed.ndim + 1)) & 1  # (..., bytes, 8)
     stream = stream.reshape(*packed.shape[:-1], -1)[..., : m * bits]
     stream = stream.reshape(*packed.shape[:-1], m, bits)
-    return jnp.sum(stream << jnp.arange(bits, dtype=jnp.int32), axis=-1)
+    return jnp.sum(stream << _positions(bits, stream.ndim), axis=-1)

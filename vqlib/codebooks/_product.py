@@ -66,11 +66,10 @@ def _check_subspaces(d: int, m) -> int:
     return m
 
 
-def _fit_centroids(key, x, m: int, k: int, init, max_iter: int, sample_weight, impl: str):
+def _fit_centroids(key, x, m: int, k: int, sample_weight, **options):
     """One batched k-means call over the m subspaces of x (n, d) -> (m, k, dsub)."""
     w = None if sample_weight is None else jnp.broadcast_to(sample_weight, (m, x.shape[0]))
-    cb = _kmeans.fit_kmeans_batched(key, _split(x, m), k=k, init=init, max_iter=max_iter, sample_weight=w, impl=impl)
-    return cb.centroids
+    return _kmeans.fit_kmeans_batched(key, _split(x, m), k=k, sample_weight=w, **options).centroids
 
 
 def fit_pq(
@@ -80,6 +79,7 @@ def fit_pq(
     m: int,
     k: int = 256,
     max_iter: int = 25,
+    tol: float = 1e-4,
     init="k-means++",
     sample_weight=None,
     max_points_per_centroid: int | None = 256,
@@ -93,6 +93,7 @@ def fit_pq(
         m: number of subspaces (codes per vector).
         k: centroids per subspace (256 = one byte per code).
         max_iter: Lloyd iterations per subspace (faiss's ProductQuantizer default: 25).
+        tol: stop a subspace's k-means when its inertia improves by less than this (relative).
         init: "k-means++", "random" or an (m, k, dsub) array.
         sample_weight: (n,) non-negative weights of the training vectors.
         max_points_per_centroid: train on at most this many points per centroid, sampled
@@ -115,7 +116,8 @@ def fit_pq(
     w = _checks.check_sample_weight(sample_weight, x.shape[0])
     sample_key, fit_key = jax.random.split(key)
     x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
-    return ProductCodebook(_fit_centroids(fit_key, x, m, k, init, max_iter, w, impl))
+    centroids = _fit_centroids(fit_key, x, m, k, w, init=init, max_iter=max_iter, tol=tol, impl=impl)
+    return ProductCodebook(centroids)
 
 
 def _procrustes(x, x_hat):
@@ -172,13 +174,13 @@ def fit_opq(
     sample_key, key = jax.random.split(key)
     x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
     keys = jax.random.split(key, num_iters + 1)
-    centroids = _fit_centroids(keys[0], x, m, k, "k-means++", max_iter_first, w, impl)
+    centroids = _fit_centroids(keys[0], x, m, k, w, max_iter=max_iter_first, impl=impl)
     rotation = jnp.eye(x.shape[1], dtype=jnp.float32)
     sqrt_w = jnp.ones((x.shape[0], 1), jnp.float32) if w is None else jnp.sqrt(w)[:, None]
     for key in keys[1:]:
         x_hat = _decode(centroids, _encode(centroids, _rotate(x, rotation), impl=impl))
         rotation = _procrustes(sqrt_w * x, sqrt_w * x_hat)
-        centroids = _fit_centroids(key, _rotate(x, rotation), m, k, centroids, max_iter, w, impl)
+        centroids = _fit_centroids(key, _rotate(x, rotation), m, k, w, init=centroids, max_iter=max_iter, impl=impl)
     return ProductCodebook(centroids, rotation)
 
 
