@@ -62,14 +62,10 @@ def test_gradients_match_finite_differences(key):
         w, c0 = jnp.asarray(w), jnp.asarray(c0)
         tau = 0.3 * float(jnp.var(w))
 
-        def soft(w, c):
-            return dkm(w, c, tau=tau, num_iters=2, block_n=3)[0]
+        def soft_and_centroids(w, c):
+            return dkm(w, c, tau=tau, num_iters=2, block_n=3)
 
-        def centroids(w, c):
-            return dkm(w, c, tau=tau, num_iters=2, block_n=3)[1]
-
-        check_grads(soft, (w, c0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
-        check_grads(centroids, (w, c0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+        check_grads(soft_and_centroids, (w, c0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("d", [1, 2])
