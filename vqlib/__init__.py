@@ -18,5 +18,6 @@ from vqlib._fit import encode as encode
 from vqlib._fit import fit as fit
 from vqlib._io import load as load
 from vqlib._io import save as save
+from vqlib.codebooks._turboquant import inner_product as inner_product
 
 __version__ = "0.1.0"

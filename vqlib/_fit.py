@@ -12,17 +12,27 @@ import jax
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, Quantizer
-from vqlib.codebooks import _additive, _kmeans, _product
+from vqlib.codebooks import _additive, _e8, _kmeans, _product, _turboquant
 from vqlib.kernels import assign as assign_op
 
 _PQ = (_product.encode, _product.decode, _product.layout, _product.adc_tables)
 _ADDITIVE = (_additive.encode, _additive.decode, _additive.layout, _additive.adc_tables)
+_E8 = (_e8.encode, _e8.decode, _e8.layout)
+_TURBOQUANT = (_turboquant.encode, _turboquant.decode, _turboquant.layout)
 METHODS: dict[str, tuple[type, Quantizer]] = {
     "kmeans": (_kmeans.KMeansCodebook, Quantizer(_kmeans.fit_kmeans, _kmeans.encode, _kmeans.decode, _kmeans.layout)),
     "pq": (_product.ProductCodebook, Quantizer(_product.fit_pq, *_PQ)),
     "opq": (_product.ProductCodebook, Quantizer(_product.fit_opq, *_PQ)),
     "rvq": (_additive.AdditiveCodebook, Quantizer(_additive.fit_rvq, *_ADDITIVE)),
     "aq": (_additive.AdditiveCodebook, Quantizer(_additive.fit_aq, *_ADDITIVE)),
+    "e8": (_e8.E8Codebook, Quantizer(_e8.fit_e8, *_E8)),
+    "e8p": (_e8.E8Codebook, Quantizer(_e8.fit_e8p, *_E8)),
+    "turboquant": (_turboquant.TurboQuantCodebook, Quantizer(_turboquant.fit_turboquant, *_TURBOQUANT)),
+    "turboquant_prod": (
+        _turboquant.TurboQuantProdCodebook,
+        Quantizer(_turboquant.fit_turboquant_prod, *_TURBOQUANT),
+    ),
+    "qjl": (_turboquant.QJLCodebook, Quantizer(_turboquant.fit_qjl, *_TURBOQUANT)),
 }
 
 

@@ -1,0 +1,193 @@
+"""Random orthogonal transforms of the last axis: the randomized Hadamard transform and Haar rotations.
+
+Quantizers that assume incoherent coordinates (TurboQuant, QuIP#'s E8P) rotate first. Both kinds
+here are one `Rotation` pytree, the map
+
+    y = (F kron H_P) diag(s) x,        d = K * P,  P = 2**k the largest power of two dividing d,
+
+with s a random sign vector, H_P the orthonormal Walsh-Hadamard matrix (applied by the fast
+transform, O(d log d), never built) and F a K x K orthogonal Kronecker factor:
+
+- kind="hadamard": F is Haar-random on the odd part K of d (F = [[1]] when d is a power of two),
+  so y costs O(d log P + d K). QuIP# uses a Hadamard matrix of order K for F
+  (K in {12, 20, 28, ...}); a Haar factor is orthogonal for every K and mixes at least as well.
+  For a d with a large odd part (a prime d is K = d), pad x with zero columns to a size with a
+  small odd part instead, e.g. 3 * 2**k, if the O(d K) term matters.
+- kind="dense": K = d, P = 1, s = 1: F is one Haar-random d x d matrix (QR of a Gaussian with
+  the signs of diag(R) folded in), O(d^2) per vector; the exact law TurboQuant's analysis
+  assumes, best for small d.
+
+The inverse is x = diag(s) (F^T kron H_P) y, exact up to float32 rounding.
+
+References:
+    Ailon & Chazelle, "The fast Johnson-Lindenstrauss transform", STOC 2006.
+    Tseng et al., "QuIP#: even better LLM quantization with Hadamard incoherence and lattice
+    codebooks", ICML 2024 (arXiv 2402.04396).
+    Mezzadri, "How to generate random matrices from the classical compact groups", 2007.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vqlib import _checks
+from vqlib._types import pytree_dataclass
+
+ROTATIONS = ("hadamard", "dense")
+
+
+@pytree_dataclass
+class Rotation:
+    """The orthogonal map y = (factor kron H_P) diag(signs) x on the last axis, d = K * P.
+
+    Attributes:
+        signs: (d,) float32 of +-1 (all ones for a dense rotation).
+        factor: (K, K) float32 orthogonal; P = d // K is the Walsh-Hadamard size.
+    """
+
+    signs: jax.Array
+    factor: jax.Array
+
+
+def fwht(x: jax.Array) -> jax.Array:
+    """Orthonormal fast Walsh-Hadamard transform of the last axis, O(d log d); its own inverse.
+
+    Args:
+        x: (..., d) float array, d a power of two.
+
+    Returns:
+        (..., d) H_d x in Sylvester order, H_d = H_2 kron ... kron H_2 with H_2 = [[1, 1], [1, -1]] / sqrt(2).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from vqlib.codebooks import fwht
+        >>> fwht(jnp.array([1.0, 0.0, 0.0, 0.0])).tolist()
+        [0.5, 0.5, 0.5, 0.5]
+    """
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got d={d}; use random_rotation for other d")
+    return _fwht(x)
+
+
+@jax.jit
+def _fwht(x):
+    d, batch = x.shape[-1], x.shape[:-1]
+    h = 1
+    while h < d:  # butterflies on pairs (i, i + h) of every block of 2h entries
+        pairs = x.reshape(*batch, d // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = jnp.stack([a + b, a - b], axis=-2).reshape(*batch, d)
+        h *= 2
+    return x * jnp.asarray(1.0 / math.sqrt(d), x.dtype)
+
+
+def random_orthogonal(key, d: int) -> jax.Array:
+    """A Haar-distributed (d, d) float32 orthogonal matrix: QR of a Gaussian, column j times sign(R_jj).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from vqlib.codebooks import random_orthogonal
+        >>> q = random_orthogonal(jax.random.key(0), 4)
+        >>> bool(jnp.allclose(q @ q.T, jnp.eye(4), atol=1e-5))
+        True
+    """
+    q, r = jnp.linalg.qr(jax.random.normal(key, (d, d), jnp.float32))
+    return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(jnp.float32)[None, :]
+
+
+def _power_of_two_part(d: int) -> int:
+    return d & -d
+
+
+def random_rotation(key, d: int, *, kind: str = "hadamard") -> Rotation:
+    """Draws a random orthogonal transform of R^d (see the module docstring for the two kinds).
+
+    Args:
+        key: PRNG key.
+        d: dimension, >= 1.
+        kind: "hadamard" (random signs, fast Walsh-Hadamard, Haar factor on the odd part of d)
+            or "dense" (one Haar d x d matrix).
+
+    Returns:
+        A Rotation; apply it with `rotate`, undo it with `unrotate`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from vqlib.codebooks import random_rotation, rotate, unrotate
+        >>> rot = random_rotation(jax.random.key(0), 12)  # 12 = 3 * 4: a 3 x 3 factor kron H_4
+        >>> x = jnp.arange(12.0)
+        >>> bool(jnp.allclose(unrotate(rot, rotate(rot, x)), x, atol=1e-5))
+        True
+    """
+    d = _checks.check_int(d, "d", low=1)
+    if kind not in ROTATIONS:
+        raise ValueError(f"rotation kind must be one of {ROTATIONS}, got {kind!r}")
+    return _random_rotation(key, d, kind)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_rotation(key, d: int, kind: str) -> Rotation:
+    if kind == "dense":
+        return Rotation(jnp.ones((d,), jnp.float32), random_orthogonal(key, d))
+    sign_key, factor_key = jax.random.split(key)
+    signs = jax.random.rademacher(sign_key, (d,), jnp.float32)
+    return Rotation(signs, random_orthogonal(factor_key, d // _power_of_two_part(d)))
+
+
+def _check_dims(rot: Rotation, x) -> None:
+    if x.ndim < 1 or x.shape[-1] != rot.signs.shape[-1]:
+        d = rot.signs.shape[-1]
+        raise ValueError(f"x must have shape (..., {d}) for this rotation, got {tuple(x.shape)}")
+
+
+def rotate(rot: Rotation, x: jax.Array) -> jax.Array:
+    """y = (F kron H_P) diag(s) x on the last axis of x (..., d), in float32.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from vqlib.codebooks import random_rotation, rotate
+        >>> x = jnp.ones((5, 3, 64))                    # any leading batch axes
+        >>> y = rotate(random_rotation(jax.random.key(0), 64), x)
+        >>> y.shape, bool(jnp.allclose(jnp.linalg.norm(y, axis=-1), 8.0))
+        ((5, 3, 64), True)
+    """
+    _check_dims(rot, x)
+    return _rotate(rot, x)
+
+
+@jax.jit
+def _rotate(rot: Rotation, x):
+    x = x.astype(jnp.float32) * jnp.broadcast_to(rot.signs, x.shape)
+    k = rot.factor.shape[-1]
+    blocks = _fwht(x.reshape(*x.shape[:-1], k, -1))  # (..., K, P)
+    blocks = jnp.einsum("ab,...bp->...ap", rot.factor, blocks, precision=lax.Precision.HIGHEST)
+    return blocks.reshape(x.shape)
+
+
+def unrotate(rot: Rotation, y: jax.Array) -> jax.Array:
+    """The inverse of `rotate`: x = diag(s) (F^T kron H_P) y on the last axis of y (..., d).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from vqlib.codebooks import random_rotation, rotate, unrotate
+        >>> rot = random_rotation(jax.random.key(0), 6, kind="dense")
+        >>> x = jnp.arange(6.0)
+        >>> bool(jnp.allclose(unrotate(rot, rotate(rot, x)), x, atol=1e-5))
+        True
+    """
+    _check_dims(rot, y)
+    return _unrotate(rot, y)
+
+
+@jax.jit
+def _unrotate(rot: Rotation, y):
+    y = y.astype(jnp.float32)
+    k = rot.factor.shape[-1]
+    blocks = jnp.einsum("ba,...bp->...ap", rot.factor, y.reshape(*y.shape[:-1], k, -1), precision=lax.Precision.HIGHEST)
+    return _fwht(blocks).reshape(y.shape) * jnp.broadcast_to(rot.signs, y.shape)
