@@ -95,20 +95,25 @@ def test_vmap_and_traced_tau(key):
     assert run._cache_size() == 1
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS (VmHWM) from /proc")
 def test_peak_memory_2048_squared():
     """Value and gradient of DKM on a 2048 x 2048 weight (k = 16, 3 iterations) in a fresh process.
     Autodiff through the plain formulas keeps (num_iters + 1) (n, k) attention maps and their
-    logits: measured 2.8 GB here. Tiled with recomputation: about 0.17 GB (in 2 s on 2 cores)."""
+    logits: measured 2.5 GB of growth here. Tiled with recomputation: about 0.17 GB (in 2 s on 2
+    cores). Peak RSS is VmHWM: getrusage's ru_maxrss would include the pytest process's, inherited
+    across fork and exec."""
     script = """
-        import resource, psutil, jax, jax.numpy as jnp
+        import jax, jax.numpy as jnp
         from vqlib.codebooks import dkm
+        def status(field):
+            return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1]) * 1024
         w = jax.random.normal(jax.random.key(0), (2048 * 2048, 1)).block_until_ready()
         c = jnp.linspace(-2.0, 2.0, 16)[:, None]
-        before = psutil.Process().memory_info().rss
+        before = status("VmRSS")
         loss = lambda w, c: jnp.sum(dkm(w, c, tau=0.01, num_iters=3)[0] ** 2)
         value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w, c)
         assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grads[0])))
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30)
+        print((status("VmHWM") - before) / 2**30)
     """
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)

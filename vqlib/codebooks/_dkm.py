@@ -19,10 +19,12 @@ num_iters + 1 maps and as many intermediates. Here every pass over w runs in til
 `block_n` rows (a `lax.scan`), under a custom VJP that saves only its inputs (w and the (k, d)
 centroids) and recomputes each tile's attention in the backward pass. Beyond a few copies of w
 (the input, the padded tiles, the output and their cotangents), the scratch is a handful of
-(block_n, k) tiles, 1 MiB each by default. Measured (`benchmarks/dkm_digits.py --memory`):
-value and gradient for a 4096 x 4096 weight, k = 16, num_iters = 3, in float32 peak at about
-0.6 GiB above the process's resting RSS on CPU (w itself is 64 MiB); the test
-`tests/codebooks/test_dkm.py::test_peak_memory_4096_squared` asserts it stays under 1.5 GiB.
+(block_n, k) tiles, 1 MiB each by default. Measured (`benchmarks/dkm_digits.py`, 2-core CPU):
+value and gradient for a 4096 x 4096 float32 weight, k = 16, num_iters = 3, peak at 0.88 GB RSS
+for the whole process, 0.50 GB above its RSS with w loaded (w is 64 MiB; 9-10 s per call). Autodiff
+through the plain formulas already grows by 2.5 GB at 2048 x 2048 (tiled: 0.16 GB) and would need
+about 10 GB at 4096 x 4096. `tests/codebooks/test_dkm.py::test_peak_memory_2048_squared` asserts
+the growth at 2048 x 2048 stays under two attention maps (0.5 GiB).
 
 References:
     Cho et al., "DKM: Differentiable k-Means Clustering Layer for Neural Network Compression",
