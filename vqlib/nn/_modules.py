@@ -91,6 +91,16 @@ class DKM(nnx.Module):
     -||w - c||^2 / (tau * var(w)), so one tau suits kernels of any magnitude. `tau` may be a
     schedule (a function of the step count, e.g. `optax.exponential_decay(0.05, 1000, 0.1)`);
     the step counts training calls.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, vqlib
+        >>> w = jax.random.normal(jax.random.key(0), (256, 1))
+        >>> layer = vqlib.nn.DKM(jnp.array([[-1.0], [0.0], [1.0]]), tau=0.01)
+        >>> layer(w).shape, int(layer.step[...])                # soft, differentiable in w
+        ((256, 1), 1)
+        >>> layer.eval()
+        >>> len(jnp.unique(layer(w)))                           # hard: each weight is a centroid
+        3
     """
 
     def __init__(self, centroids, *, tau: float | Callable = 0.01, num_iters: int = 3, train_centroids: bool = False):
