@@ -56,9 +56,9 @@ def test_dim_weighted_encoder_minimises_the_weighted_error(data):
 def _codebooks(data):
     return {
         "pq": vqlib.fit(data, "pq", m=4, k=16),
-        "opq": vqlib.fit(data, "opq", m=4, k=16, num_iters=2),
-        "rvq": vqlib.fit(data, "rvq", m=2, k=16, beam=3),
-        "aq": vqlib.fit(data, "aq", m=2, k=16, beam=3, sweeps=1, num_rounds=1),
+        "opq": vqlib.fit(data, "opq", m=4, k=16, num_iters=1, max_iter_first=2),
+        "rvq": vqlib.fit(data, "rvq", m=2, k=16, beam=3, max_iter=2),
+        "aq": vqlib.fit(data, "aq", m=2, k=16, beam=3, sweeps=1, num_rounds=1, max_iter=2),
         "chain": vqlib.residual(vqlib.quantizer("kmeans", k=8), vqlib.quantizer("rvq", m=2, k=8)).fit(
             jax.random.key(0), data
         ),
@@ -69,6 +69,7 @@ def _codebooks(data):
 
 
 def test_every_type_round_trips_through_save_and_load(tmp_path, data):
+    data = data[:500]
     for name, cb in _codebooks(data).items():
         path = tmp_path / f"{name}.vq"
         vqlib.save(path, cb)

@@ -42,6 +42,44 @@ def demo(n: int, d: int, k: int, iters: int) -> list[dict]:
     return rows
 
 
+def _mse(x, x_hat) -> float:
+    return float(np.mean(np.sum((np.asarray(x, np.float64) - np.asarray(x_hat, np.float64)) ** 2, axis=1)))
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    return out, time.perf_counter() - start
+
+
+def demo_codebooks(x, m: int, beam: int) -> list[dict]:
+    """PQ and RVQ at m bytes per vector (m codes of 256): vqlib against faiss-cpu on the same data."""
+    d = x.shape[1]
+    rows = []
+    for label, method, options in [
+        (f"vqlib PQ {m}x8", "pq", dict(m=m)),
+        (f"vqlib RVQ {m}x8, beam {beam}", "rvq", dict(m=m, beam=beam)),
+    ]:
+        vqlib.encode(vqlib.fit(x, method, **options), x)  # compile first: the table shows steady-state times
+        cb, fit_s = _timed(vqlib.fit, x, method, **options)
+        codes, enc_s = _timed(vqlib.encode, cb, x)
+        rows.append(dict(method=label, seconds=fit_s, encode=enc_s, mse=_mse(x, vqlib.decode(cb, codes))))
+    try:
+        import faiss
+    except ImportError:
+        return rows
+    rq = faiss.ResidualQuantizer(d, m, 8)
+    rq.max_beam_size = beam
+    for label, q in [
+        (f"faiss-cpu ProductQuantizer {m}x8", faiss.ProductQuantizer(d, m, 8)),
+        (f"faiss-cpu RQ, beam {beam}", rq),
+    ]:
+        _, fit_s = _timed(q.train, x)
+        codes, enc_s = _timed(q.compute_codes, x)
+        rows.append(dict(method=label, seconds=fit_s, encode=enc_s, mse=_mse(x, q.decode(codes))))
+    return rows
+
+
 def _print_table(title: str, rows: list[dict]) -> None:
     print(title)
     print(f"{'method':<36} {'fit s':>8} {'inertia':>14}")
@@ -64,6 +102,14 @@ def main(argv=None) -> None:
             f"{args.iters} Lloyd iterations from the same k-means++ seeds"
         )
         _print_table("k-means", demo(args.n, args.d, args.k, args.iters))
+        x = np.asarray(
+            clustered(jax.random.key(0), args.n, args.d, num_clusters=4 * args.k, intrinsic_dim=min(args.d, 16))
+        )
+        m = max(1, args.d // 8)
+        print(f"\ncodebooks: {m} bytes per vector ({m} codes of 8 bits), same data, compiled")
+        print(f"{'method':<36} {'fit s':>8} {'encode s':>9} {'MSE':>12}")
+        for r in demo_codebooks(x, m, beam=4):
+            print(f"{r['method']:<36} {r['seconds']:>8.2f} {r['encode']:>9.2f} {r['mse']:>12.6g}")
 
 
 if __name__ == "__main__":

@@ -75,14 +75,15 @@ def test_pq_mse_within_one_percent_of_faiss(data):
 
 def test_opq_mse_at_or_below_faiss(data):
     faiss = pytest.importorskip("faiss")
+    data = data[:3000]
     opq = faiss.OPQMatrix(32, 8)
-    opq.niter = 20
+    opq.niter = 10
     opq.train(data)
     xr = opq.apply(data)
     pq = faiss.ProductQuantizer(32, 8, 5)
     pq.train(xr)
     faiss_mse = _mse(data, opq.reverse_transform(pq.decode(pq.compute_codes(xr))))
-    cb = vqlib.fit(data, "opq", m=8, k=32, num_iters=20)
+    cb = vqlib.fit(data, "opq", m=8, k=32, num_iters=10)
     assert _quantized_mse(cb, data) <= faiss_mse
 
 

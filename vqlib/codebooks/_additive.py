@@ -1,9 +1,9 @@
 """Additive quantization: x ~ sum_j codebooks[j, b_j], m full-dimensional codebooks of k rows.
 
 Residual VQ (RVQ) fits the codebooks one stage at a time, stage j by k-means on what stages
-< j leave over. Additive quantization (AQ, as in LSQ and AQLM) starts from RVQ and alternates
+< j leave over. Additive quantization (AQ, as in LSQ++ and AQLM) starts from RVQ and alternates
 (a) the least-squares codebooks for fixed codes, C = (B^T W B + ridge I)^-1 B^T W X with B the
-(n, m k) one-hot code matrix, and (b) new codes for fixed codebooks. Both share the encoder:
+(n, m k) one-hot code matrix, and (b) new codes for fixed (noise-perturbed) codebooks. Both share the encoder:
 beam search over the codebooks in order (keep the `beam` best partial sums; stage j scores
 beam x k candidates), then `sweeps` rounds of coordinate descent (ICM: re-pick each code with
 the others fixed), so a larger beam or more sweeps never raises an encoding's error.
@@ -222,7 +222,8 @@ def fit_aq(
     k: int = 256,
     beam: int = 8,
     sweeps: int = 2,
-    num_rounds: int = 20,
+    num_rounds: int = 40,
+    noise: float = 0.2,
     ridge: float = 1e-2,
     max_iter: int = 25,
     sample_weight=None,
@@ -230,20 +231,23 @@ def fit_aq(
     impl: str = "auto",
 ) -> AdditiveCodebook:
     """Additive quantization: RVQ initialisation, then rounds of least-squares codebooks and
-    beam-search codes.
+    beam-search codes, with LSQ++'s stochastic relaxation.
 
-    Each round solves the (weighted, ridge-regularised) least squares for all m codebooks at
-    once, then re-encodes every training vector by beam search plus ICM and also by ICM from
-    its previous codes, keeping the better of the two; a round that would raise the training
-    MSE (the ridge term or rounding) keeps the previous codebooks, so the training MSE never
-    increases from one round to the next.
+    Round t = 0 .. R-1 solves the (weighted, ridge-regularised) least squares for all m
+    codebooks at once for the current codes, then re-encodes every training vector with those
+    codebooks plus Gaussian noise of per-dimension standard deviation
+    noise * (1 - (t + 1) / R)**0.5 * std(x) / m (LSQ++'s annealing, so the last round is
+    noise-free), by beam search plus ICM and by ICM from its previous codes, keeping the better
+    of the two. The noise lets the codes leave the RVQ basin. The returned codebooks are the
+    least-squares solution of lowest training loss seen, the RVQ initialisation included.
 
     Args:
         key: PRNG key.
         x: (n, d) training vectors.
         m: number of codebooks; k: rows per codebook.
         beam: beam width of the encoder; sweeps: ICM rounds after the beam search.
-        num_rounds: alternations of (codebooks, codes); stops early when a round does not help.
+        num_rounds: alternations of (codebooks, codes).
+        noise: the relaxation's initial scale (0: plain alternation).
         ridge: Tikhonov term of the least squares (faiss's LSQ lambd).
         max_iter: Lloyd iterations per stage of the RVQ initialisation.
         sample_weight: (n,) non-negative weights of the least squares and k-means.
@@ -263,22 +267,28 @@ def fit_aq(
     x, m, k, beam, w = _check_common(x, m, k, beam, sample_weight)
     sweeps = _checks.check_int(sweeps, "sweeps", low=0)
     num_rounds = _checks.check_int(num_rounds, "num_rounds", low=0)
+    noise = _checks.check_nonnegative_float(noise, "noise")
     ridge = _checks.check_nonnegative_float(ridge, "ridge")
-    sample_key, key = jax.random.split(key)
+    sample_key, stages_key, noise_key = jax.random.split(key, 3)
     x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
     x = x.astype(jnp.float32)
     w = jnp.ones(x.shape[0], jnp.float32) if w is None else w
-    codebooks = _fit_stages(key, x, w, m=m, k=k, beam=beam, max_iter=max_iter, impl=impl)
-    codes = _encode(codebooks, x, beam=beam, sweeps=sweeps)
-    loss = jnp.dot(w, _errors(codebooks, codes, x))
-    for _ in range(num_rounds):
+    best = _fit_stages(stages_key, x, w, m=m, k=k, beam=beam, max_iter=max_iter, impl=impl)
+    codes = _encode(best, x, beam=beam, sweeps=sweeps)
+    best_loss = jnp.dot(w, _errors(best, codes, x))
+    scale = jnp.std(x, axis=0) / m  # (d,)
+    for t in range(num_rounds + 1):
         solved = _least_squares(codes, x, w, ridge, k=k)
-        new_codes = _better_codes(solved, x, codes, beam=beam, sweeps=sweeps)
-        new_loss = jnp.dot(w, _errors(solved, new_codes, x))
-        if not bool(new_loss < loss):
-            break
-        codebooks, codes, loss = solved, new_codes, new_loss
-    return AdditiveCodebook(codebooks, beam=beam, sweeps=sweeps)
+        loss = jnp.dot(w, _errors(solved, codes, x))
+        if bool(loss < best_loss):
+            best, best_loss = solved, loss
+        if t < num_rounds:
+            temperature = noise * (1.0 - (t + 1) / num_rounds) ** 0.5
+            perturbed = solved + temperature * scale[None, None] * jax.random.normal(
+                jax.random.fold_in(noise_key, t), solved.shape
+            )
+            codes = _better_codes(perturbed, x, codes, beam=beam, sweeps=sweeps)
+    return AdditiveCodebook(best, beam=beam, sweeps=sweeps)
 
 
 @functools.partial(jax.jit, static_argnames=("beam", "sweeps"))

@@ -17,14 +17,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass
 from vqlib.codebooks import _kmeans
-from vqlib.kernels import assign as assign_op
-from vqlib.kernels.assign import check_impl
+from vqlib.codebooks._hadamard import random_orthogonal
 
 METRICS = ("l2", "ip")
+_HIGHEST = lax.Precision.HIGHEST
 
 
 @pytree_dataclass
@@ -135,15 +136,15 @@ def fit_opq(
     num_iters: int = 50,
     max_iter: int = 4,
     max_iter_first: int = 40,
+    init_rotation: str = "random",
     sample_weight=None,
     max_points_per_centroid: int | None = 256,
     impl: str = "auto",
 ) -> ProductCodebook:
     """Optimized PQ: alternates a PQ fit on x R with the Procrustes update of R.
 
-    The defaults are faiss's OPQMatrix (niter 50, niter_pq 4, niter_pq_0 40): each round warm
-    starts k-means from the previous centroids. R starts at the identity, so OPQ is never worse
-    than PQ with the same training on the training set.
+    The defaults are faiss's OPQMatrix (niter 50, niter_pq 4, niter_pq_0 40, a random initial
+    rotation): each round warm starts k-means from the previous centroids.
 
     Args:
         key: PRNG key.
@@ -151,6 +152,8 @@ def fit_opq(
         m, k: as for `fit_pq`.
         num_iters: alternations of (PQ fit, rotation update).
         max_iter: Lloyd iterations per PQ fit after the first; max_iter_first for the first.
+        init_rotation: "random" (Haar, spreads the variance evenly over the subspaces) or
+            "identity" (starts from plain PQ; better when the dimensions are already balanced).
         sample_weight: (n,) non-negative weights (the Procrustes step weights rows by them too).
         max_points_per_centroid: training sample per centroid, as for `fit_pq`.
         impl: assignment backend.
@@ -173,22 +176,42 @@ def fit_opq(
     w = _checks.check_sample_weight(sample_weight, x.shape[0])
     sample_key, key = jax.random.split(key)
     x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
-    keys = jax.random.split(key, num_iters + 1)
-    centroids = _fit_centroids(keys[0], x, m, k, w, max_iter=max_iter_first, impl=impl)
+    if init_rotation not in ("random", "identity"):
+        raise ValueError(f"init_rotation must be 'random' or 'identity', got {init_rotation!r}")
+    rotation_key, key = jax.random.split(key)
     rotation = jnp.eye(x.shape[1], dtype=jnp.float32)
+    if init_rotation == "random":
+        rotation = random_orthogonal(rotation_key, x.shape[1])
+    keys = jax.random.split(key, num_iters + 1)
+    centroids = _fit_centroids(keys[0], _rotate(x, rotation), m, k, w, max_iter=max_iter_first, impl=impl)
     sqrt_w = jnp.ones((x.shape[0], 1), jnp.float32) if w is None else jnp.sqrt(w)[:, None]
     for key in keys[1:]:
-        x_hat = _decode(centroids, _encode(centroids, _rotate(x, rotation), impl=impl))
+        x_hat = _decode(centroids, _encode(centroids, _rotate(x, rotation)))
         rotation = _procrustes(sqrt_w * x, sqrt_w * x_hat)
         centroids = _fit_centroids(key, _rotate(x, rotation), m, k, w, init=centroids, max_iter=max_iter, impl=impl)
     return ProductCodebook(centroids, rotation)
 
 
-@functools.partial(jax.jit, static_argnames="impl")
-def _encode(centroids, x, *, impl: str = "auto"):
-    """(n, d) -> (n, m) codes, every subspace assigned by the tiled flash assignment."""
-    codes = jax.vmap(lambda xs, c: assign_op(xs, c, impl=impl)[0])(_split(x, centroids.shape[0]), centroids)
-    return codes.T
+@jax.jit
+def _encode(centroids, x):
+    """(n, d) -> (n, m) codes. Per chunk of rows, the scores ||c||^2 - 2 <x_j, c> of all m
+    subspaces come from one batched dot, laid out (m, chunk, k), then the first index of each
+    minimum. Measured about 2x faster than m separate tiled assignments, whose dots (dsub of 4-16)
+    are too thin for the matrix units, and than jnp.argmin (a variadic reduce on XLA:CPU)."""
+    m, k, dsub = centroids.shape
+    n = x.shape[0]
+    chunk = min(n, max(1, 2**22 // (m * k)))  # (m, chunk, k) scores: 16 MB
+    norms = jnp.sum(centroids * centroids, axis=-1)[:, None, :]  # (m, 1, k)
+    index = jnp.arange(k, dtype=jnp.float32)[None, None, :]
+
+    def codes_of(rows):  # (chunk, d) -> (chunk, m)
+        xs = rows.astype(jnp.float32).reshape(chunk, m, dsub).transpose(1, 0, 2)
+        scores = norms - 2.0 * jnp.einsum("mcd,mkd->mck", xs, centroids, precision=_HIGHEST)
+        best = jnp.min(scores, axis=-1, keepdims=True)
+        return jnp.min(jnp.where(scores == best, index, k), axis=-1).astype(jnp.int32).T
+
+    padded = jnp.pad(x, ((0, -n % chunk), (0, 0)))
+    return lax.map(codes_of, padded.reshape(-1, chunk, x.shape[1])).reshape(-1, m)[:n]
 
 
 @jax.jit
@@ -202,15 +225,14 @@ def _dim(cb: ProductCodebook) -> int:
     return cb.centroids.shape[0] * cb.centroids.shape[2]
 
 
-def encode(cb: ProductCodebook, x, *, impl: str = "auto") -> jax.Array:
+def encode(cb: ProductCodebook, x) -> jax.Array:
     """(n, d) vectors -> (n, m) int32 codes: the nearest centroid of each (rotated) subvector."""
     _checks.check_rank(cb.centroids, 3, "cb.centroids", "; a batch of codebooks: use jax.vmap(vqlib.encode)")
     x = _checks.check_float_array(x, "x", ndim=2)
     _checks.check_dim(x, _dim(cb))
-    check_impl(impl)
     if cb.rotation is not None:
         x = _rotate(x, cb.rotation)
-    return _encode(cb.centroids, x, impl=impl)
+    return _encode(cb.centroids, x)
 
 
 def decode(cb: ProductCodebook, codes) -> jax.Array:
