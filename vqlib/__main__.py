@@ -80,6 +80,15 @@ def demo_codebooks(x, m: int, beam: int) -> list[dict]:
     return rows
 
 
+def demo_turboquant(x, bits: int) -> dict:
+    """TurboQuant-mse at `bits` bits per coordinate plus a float16 norm: data-oblivious, nothing to train."""
+    vqlib.encode(vqlib.fit(x, "turboquant", bits=bits), x)  # compile first
+    cb, fit_s = _timed(vqlib.fit, x, "turboquant", bits=bits)
+    codes, enc_s = _timed(vqlib.encode, cb, x)
+    label = f"vqlib TurboQuant {bits}b/dim + f16 norm"
+    return dict(method=label, seconds=fit_s, encode=enc_s, mse=_mse(x, vqlib.decode(cb, codes)))
+
+
 def _print_table(title: str, rows: list[dict]) -> None:
     print(title)
     print(f"{'method':<36} {'fit s':>8} {'inertia':>14}")
@@ -108,7 +117,7 @@ def main(argv=None) -> None:
         m = max(1, args.d // 8)
         print(f"\ncodebooks: {m} bytes per vector ({m} codes of 8 bits), same data, compiled")
         print(f"{'method':<36} {'fit s':>8} {'encode s':>9} {'MSE':>12}")
-        for r in demo_codebooks(x, m, beam=4):
+        for r in [*demo_codebooks(x, m, beam=4), demo_turboquant(x, bits=max(1, round(8 * m / args.d)))]:
             print(f"{r['method']:<36} {r['seconds']:>8.2f} {r['encode']:>9.2f} {r['mse']:>12.6g}")
 
 

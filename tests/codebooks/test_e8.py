@@ -1,7 +1,5 @@
 """E8 lattice and QuIP#'s E8P against brute force in float64 and the figures in ALGORITHMS.md."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +13,7 @@ def e8_points_in_box() -> np.ndarray:
     """Every point of E8 = D8 u (D8 + 1/2) with all coordinates in [-2, 2], float64."""
     found = []
     for values in (np.arange(-2.0, 2.5), np.array([-1.5, -0.5, 0.5, 1.5])):
-        grid = np.array(list(itertools.product(values, repeat=8)))
+        grid = np.stack(np.meshgrid(*[values] * 8, indexing="ij"), -1).reshape(-1, 8)
         found.append(grid[np.sum(grid, 1) % 2 == 0])
     return np.concatenate(found)
 
@@ -52,7 +50,7 @@ def box_points():
 
 def test_nearest_point_equals_brute_force(box_points, key):
     # The covering radius of E8 is 1, so the nearest point to y in [-1, 1]^8 lies in [-2, 2]^8.
-    y = np.asarray(jax.random.uniform(key, (400, 8), minval=-1.0, maxval=1.0), np.float64)
+    y = np.asarray(jax.random.uniform(key, (300, 8), minval=-1.0, maxval=1.0), np.float64)
     got = np.asarray(nearest_e8(jnp.asarray(y, jnp.float32)), np.float64)
     want = brute_force_nearest(y, box_points)
     np.testing.assert_allclose(np.sum((y - got) ** 2, 1), np.sum((y - want) ** 2, 1), atol=1e-5)
@@ -70,9 +68,9 @@ def test_nearest_point_is_translation_equivariant_and_within_the_covering_radius
 
 def test_uniform_error_is_the_normalized_second_moment_of_e8(key):
     # G(E8) = 0.0716821 (Conway & Sloane; Z^8 would give 1/12 = 0.0833); measured 0.0717 here.
-    y = jax.random.uniform(key, (40000, 8), minval=-50.0, maxval=50.0)
+    y = jax.random.uniform(key, (20000, 8), minval=-50.0, maxval=50.0)
     err = np.sum((np.asarray(y, np.float64) - np.asarray(nearest_e8(y), np.float64)) ** 2, 1) / 8
-    stderr = np.std(err) / np.sqrt(len(err))  # ~3e-4
+    stderr = np.std(err) / np.sqrt(len(err))  # ~4e-4
     assert abs(np.mean(err) - 0.0716821) < 4 * stderr
 
 
@@ -93,8 +91,8 @@ def test_e8_codebook_is_the_smallest_shells(bits, counts):
 
 @pytest.mark.parametrize("bits", [1, 2])
 def test_e8_encoding_is_the_nearest_lattice_point_inside_the_shell(bits, key):
-    x = jax.random.normal(key, (512, 16))
-    cb = vqlib.fit(x, "e8", bits=bits)
+    x = jax.random.normal(key, (1000, 16))
+    cb = vqlib.fit(x, "e8", bits=bits)  # the shapes of fit_e8's example: compiled once
     y = np.asarray(x, np.float64).reshape(-1, 8) / float(cb.step)
     got = np.asarray(vqlib.decode(cb, vqlib.encode(cb, x)), np.float64).reshape(-1, 8) / float(cb.step)
     lattice = np.asarray(nearest_e8(jnp.asarray(y, jnp.float32)), np.float64)
@@ -134,8 +132,8 @@ def test_e8p_encoder_is_exact_and_round_trips():
 @pytest.mark.parametrize("rms_scale,published", [(1.03, 0.0919), (0.90, 0.0994)])
 def test_e8p_mse_per_weight_on_gaussian_data(rms_scale, published, key):
     # ALGORITHMS.md (brute force over all 65,536 codewords): MSE 0.0919 at s = 1.03, 0.0994 at
-    # s = 0.90, on i.i.d. N(0, 1) weights. 32,768 blocks: standard error ~0.3%; allow 2%.
-    x = jax.random.normal(key, (4096, 64))
+    # s = 0.90, on i.i.d. N(0, 1) weights. 16,384 blocks: standard error ~0.4%; allow 2%.
+    x = jax.random.normal(key, (2048, 64))
     cb = vqlib.fit(x, "e8p", rms_scale=rms_scale)  # RHT in front, as in QuIP#
     mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(vqlib.decode(cb, vqlib.encode(cb, x)))) ** 2))
     assert abs(mse - published) < 0.02 * published
@@ -159,13 +157,13 @@ def test_e8p_residual_stacking_lowers_the_error(key):
 
 @pytest.mark.parametrize("method,options", [("e8", dict(bits=1)), ("e8p", dict(bits=2)), ("e8p", dict(bits=4))])
 def test_packing_and_save_load(method, options, tmp_path, key):
-    x = jax.random.normal(key, (200, 32))
+    x = jax.random.normal(key, (1000, 16))  # the examples' shapes: compiled once
     cb = vqlib.fit(x, method, **options)
     codes = vqlib.encode(cb, x)
     layout = vqlib.code_layout(cb)
-    assert codes.dtype == jnp.int32 and codes.shape == (200, layout.num_codebooks)
+    assert codes.dtype == jnp.int32 and codes.shape == (1000, layout.num_codebooks)
     packed = pack_codes(codes, layout.bits)
-    assert packed.shape == (200, -(-layout.bits_per_vector // 8))
+    assert packed.shape == (1000, -(-layout.bits_per_vector // 8))
     np.testing.assert_array_equal(unpack_codes(packed, layout.bits, layout.num_codebooks), codes)
     vqlib.save(tmp_path / "cb.vq", cb)
     back = vqlib.load(tmp_path / "cb.vq")

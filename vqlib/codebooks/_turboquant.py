@@ -450,7 +450,7 @@ def inner_product(codebook, codes, queries) -> jax.Array:
 
     Example:
         >>> import jax, jax.numpy as jnp, vqlib
-        >>> x = jax.random.normal(jax.random.key(1), (200, 128))
+        >>> x = jax.random.normal(jax.random.key(1), (200, 32))
         >>> cb = vqlib.fit(x, "turboquant_prod", bits=4)
         >>> est = vqlib.inner_product(cb, vqlib.encode(cb, x), x[:3])
         >>> est.shape, bool(jnp.corrcoef(est.ravel(), (x[:3] @ x.T).ravel())[0, 1] > 0.95)
