@@ -48,7 +48,12 @@ def check_finite(x, name: str) -> None:
     lives (also when sharded over hosts); only a failing array is brought to the host to say where."""
     if not is_concrete(x):
         return
-    if np.all(np.isfinite(x)) if isinstance(x, np.ndarray) else bool(_all_finite(x)):
+    if isinstance(x, np.ndarray):
+        finite = np.all(np.isfinite(x))
+    else:
+        with jax.ensure_compile_time_eval():  # concrete even when called while tracing an outer jit
+            finite = bool(_all_finite(x))
+    if finite:
         return
     found = "NaN or inf values"
     if getattr(x, "is_fully_addressable", True):
