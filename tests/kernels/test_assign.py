@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_impls import IMPLS, impl_kwargs
 
-from vqlib.kernels import assign
+from vqlib.kernels import _dispatch, assign
+from vqlib.kernels.assign import pallas_gpu, pallas_tpu
 from vqlib.kernels.assign.reference import assign_reference
 from vqlib.kernels.assign.xla import BlockSizes
 from vqlib.kernels.assign.xla import assign as assign_xla
@@ -82,6 +84,73 @@ def test_xla_equals_reference_codes_on_well_separated_data(key):
     c = 10.0 * jax.random.normal(kc, (50, 16))
     x = c[jax.random.randint(kx, (2000,), 0, 50)] + 0.01 * jax.random.normal(kx, (2000, 16))
     np.testing.assert_array_equal(assign_xla(x, c)[0], assign_reference(x, c)[0])
+
+
+# n not a block multiple, k = 1, odd and small d, k spanning several centroid tiles
+KERNEL_SHAPES = [(1, 1, 8), (70, 1, 5), (200, 37, 3), (129, 300, 17)]
+KERNEL_BLOCKS = {
+    "pallas_gpu": pallas_gpu.BlockSizes(block_n=64, block_k=32),
+    "pallas_tpu": pallas_tpu.BlockSizes(block_n=128, block_k=64),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("n,k,d", KERNEL_SHAPES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_every_impl_matches_float64_oracle(impl, n, k, d, dtype, key):
+    if dtype != jnp.float32 and impl in ("reference", "xla"):
+        pytest.skip("covered by test_every_impl_matches_oracle_per_dtype")
+    kw = impl_kwargs(impl)
+    kx, kc = jax.random.split(key)
+    x = jax.random.normal(kx, (n, d)).astype(dtype)
+    c = jax.random.normal(kc, (k, d)).astype(dtype)
+    codes, dists = assign(x, c, **kw)
+    assert codes.dtype == jnp.int32 and dists.dtype == jnp.float32 and codes.shape == dists.shape == (n,)
+    _assert_assignments_close(codes, dists, x.astype(jnp.float32), c.astype(jnp.float32), TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_ties_and_small_blocks(backend):
+    # exact ties at j, j+5, ...: the lowest index must win, also across centroid tiles
+    rng = np.random.default_rng(0)
+    base = rng.integers(-3, 4, size=(5, 4)).astype(np.float32)
+    c = np.tile(base, (40, 1))
+    x = np.concatenate([base, rng.integers(-3, 4, size=(150, 4)).astype(np.float32)])
+    module = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}[backend]
+    codes, dists = module.assign(jnp.asarray(x), jnp.asarray(c), block=KERNEL_BLOCKS[backend], interpret=True)
+    np.testing.assert_array_equal(np.asarray(codes), _oracle(x, base).argmin(1))
+    np.testing.assert_array_equal(np.asarray(dists)[:5], 0.0)
+
+
+def test_explicit_pallas_without_its_device_errors_clearly():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present")
+    with pytest.raises(ExceptionGroup) as info:
+        assign(jnp.ones((4, 2)), jnp.ones((3, 2)), impl="pallas_gpu")
+    assert info.group_contains(NotImplementedError, match="needs a GPU.*interpret=True")
+
+
+def test_auto_is_xla_on_cpu_and_falls_back_when_the_kernel_refuses(monkeypatch, key):
+    if jax.default_backend() == "cpu":
+        assert _dispatch.auto_order({"xla": "", "pallas_gpu": ""}) == ("xla",)
+    monkeypatch.setattr(_dispatch, "platform", lambda: "gpu")
+    assert _dispatch.auto_order({"xla": "", "pallas_gpu": "", "pallas_tpu": ""}) == ("pallas_gpu", "xla")
+    # d above the kernel's limit: pallas_gpu refuses at trace time, "auto" falls back to xla ...
+    x = jax.random.normal(key, (5, pallas_gpu.MAX_D + 1))
+    codes, _ = assign(x, x[:3], impl="auto")
+    np.testing.assert_array_equal(codes[:3], [0, 1, 2])
+    # ... and the explicit choice does not
+    with pytest.raises(ExceptionGroup) as info:
+        assign(x, x[:3], impl="pallas_gpu")
+    assert info.group_contains(NotImplementedError, match="d=1025")
+
+
+def test_float64_is_refused_by_the_kernels():
+    with jax.enable_x64(True):
+        x = jnp.ones((4, 3), jnp.float64)
+        with pytest.raises(ExceptionGroup) as info:
+            assign(x, x, impl="pallas_gpu", interpret=True)
+    assert info.group_contains(NotImplementedError, match="float64")
 
 
 def test_unknown_impl_is_rejected():

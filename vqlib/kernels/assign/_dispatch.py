@@ -1,49 +1,51 @@
-"""Backend choice for `assign`: "auto" tries the backends that fit the device, ending at "xla";
-an explicit `impl` never falls back. Pallas backends arrive with the kernels issue."""
+"""Backend choice for `assign`: "auto" tries the Pallas kernel of the device, then "xla" (the only
+choice on CPU); an explicit `impl` never falls back."""
 
 from __future__ import annotations
-
-from typing import Literal
 
 import jax
 
 from vqlib import _checks
-from vqlib.kernels.assign.reference import assign_reference
-from vqlib.kernels.assign.xla import assign as assign_xla
+from vqlib.kernels import _dispatch
+from vqlib.kernels._dispatch import Impl
 
-Impl = Literal["auto", "xla", "reference"]
-BACKENDS = {"xla": assign_xla, "reference": assign_reference}
+BACKENDS = {
+    "xla": "vqlib.kernels.assign.xla:assign",
+    "reference": "vqlib.kernels.assign.reference:assign_reference",
+    "pallas_gpu": "vqlib.kernels.assign.pallas_gpu:assign",
+    "pallas_tpu": "vqlib.kernels.assign.pallas_tpu:assign",
+}
 
 
 def check_impl(impl: str) -> tuple[str, ...]:
     """The backends to try, in order, for `impl`; raises ValueError for an unknown name."""
-    if impl == "auto":
-        return ("xla",)
-    if impl not in BACKENDS:
-        raise ValueError(f"impl must be one of {sorted(['auto', *BACKENDS])}, got {impl!r}")
-    return (impl,)
+    return _dispatch.check_impl(impl, BACKENDS)
 
 
-def assign(x: jax.Array, centroids: jax.Array, *, impl: Impl = "auto") -> tuple[jax.Array, jax.Array]:
+def assign(
+    x: jax.Array, centroids: jax.Array, *, impl: Impl = "auto", interpret: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Nearest centroid for each point; ties go to the lowest index.
 
     Args:
         x: (n, d) points, float16/bfloat16/float32.
         centroids: (k, d) centroids.
-        impl: backend; "auto" picks the fastest available.
+        impl: "auto" (the device's Pallas kernel when it takes the inputs, else "xla"), "xla",
+            "reference", "pallas_gpu" or "pallas_tpu".
+        interpret: run a Pallas backend in the Pallas interpreter (any device; slow).
 
     Returns:
         codes (n,) int32 and squared distances (n,) float32, clamped at 0.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from vqlib.kernels import assign
+        >>> assign(jnp.eye(3), jnp.eye(3)[::-1])[0].tolist()
+        [2, 1, 0]
     """
     _checks.check_rank(x, 2, "x", "; use jax.vmap for a batch of problems")
     _checks.check_rank(centroids, 2, "centroids", "; use jax.vmap for a batch of codebooks")
     _checks.check_dim(x, centroids.shape[1], what="centroids have")
     if centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one row")
-    errors = []
-    for name in check_impl(impl):
-        try:
-            return BACKENDS[name](x, centroids)
-        except NotImplementedError as e:
-            errors.append(e)
-    raise ExceptionGroup("no assign implementation accepts these inputs", errors)
+    return _dispatch.dispatch("assign", impl, BACKENDS, (x, centroids), interpret=interpret)

@@ -1,0 +1,70 @@
+"""One dispatcher for every kernel op: backend names, the "auto" order per device, lazy imports.
+
+"auto" tries the Pallas backend of the current device first and ends at "xla"; a backend that
+cannot take the inputs raises NotImplementedError at trace time and the next one is tried. An
+explicit `impl` is tried alone, so it never falls back silently: when it refuses, the caller gets
+an ExceptionGroup holding its NotImplementedError (which says why and what to pass instead).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import jax
+
+Impl = Literal["auto", "xla", "reference", "pallas_gpu", "pallas_tpu"]
+PALLAS = ("pallas_gpu", "pallas_tpu")
+_PLATFORM = {"pallas_gpu": ("gpu", "cuda", "rocm"), "pallas_tpu": ("tpu",)}
+
+
+def platform() -> str:
+    """The platform of the default device: "cpu", "gpu" or "tpu"."""
+    return jax.default_backend()
+
+
+def auto_order(backends: Mapping[str, str]) -> tuple[str, ...]:
+    """Backends "auto" tries on this device: its Pallas kernel when one exists, then "xla"."""
+    mine = tuple(name for name in PALLAS if name in backends and platform() in _PLATFORM[name])
+    return (*mine, "xla")
+
+
+def check_impl(impl: str, backends: Mapping[str, str]) -> tuple[str, ...]:
+    """The backends to try, in order; ValueError for an unknown name."""
+    if impl == "auto":
+        return auto_order(backends)
+    if impl not in backends:
+        raise ValueError(f"impl must be one of {sorted(['auto', *backends])}, got {impl!r}")
+    return (impl,)
+
+
+def require_platform(name: str, interpret: bool) -> None:
+    """NotImplementedError when compiled Pallas backend `name` cannot run on this device."""
+    if interpret or platform() in _PLATFORM[name]:
+        return
+    raise NotImplementedError(
+        f"impl={name!r} needs a {_PLATFORM[name][0].upper()} (the default backend is {platform()!r}); "
+        "pass interpret=True to run the kernel in the Pallas interpreter, or use impl='xla' or impl='auto'"
+    )
+
+
+def load(path: str) -> Callable:
+    """'package.module:function' -> the function, imported on first use (Pallas stays unimported on CPU)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def dispatch(op: str, impl: str, backends: Mapping[str, str], args: tuple, *, interpret: bool, **kwargs):
+    """Calls the first backend of `check_impl(impl)` that accepts the inputs."""
+    errors = []
+    for name in check_impl(impl, backends):
+        fn = load(backends[name])
+        try:
+            if name in PALLAS:
+                require_platform(name, interpret)
+                return fn(*args, interpret=interpret, **kwargs)
+            return fn(*args, **kwargs)
+        except NotImplementedError as e:
+            errors.append(e)
+    raise ExceptionGroup(f"no {op} implementation accepts these inputs (impl={impl!r})", errors)
