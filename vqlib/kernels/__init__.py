@@ -1,3 +1,4 @@
 """Kernels on arrays (never codebook objects), each beside a pure-jnp reference, one dispatcher per op."""
 
+from vqlib.kernels.adc_topk._dispatch import adc_topk as adc_topk
 from vqlib.kernels.assign._dispatch import assign as assign
