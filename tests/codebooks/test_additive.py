@@ -169,3 +169,15 @@ def test_weighted_fit_follows_the_weights(data):
     weighted = _errors(vqlib.fit(data, "aq", m=2, k=16, num_rounds=2, sample_weight=w), data)
     assert weighted[heavy].mean() < plain[heavy].mean()
     assert weighted[~heavy].mean() > plain[~heavy].mean()
+
+
+@pytest.mark.parametrize("size,count", [(2048, 8), (256, 1), (48, 3), (40, 4), (64, 5)])
+def test_smallest_values_match_a_full_sort(size, count):
+    from vqlib.codebooks._additive import _smallest
+
+    values = np.random.default_rng(size + count).normal(size=size).astype(np.float32)
+    values[::7] = values[0]  # ties
+    best, index = _smallest(jnp.asarray(values), count)
+    np.testing.assert_array_equal(best, np.sort(values)[:count])
+    np.testing.assert_array_equal(values[np.asarray(index)], best)
+    assert len(set(np.asarray(index).tolist())) == count
