@@ -206,7 +206,7 @@ def _encode(centroids, x):
 
     def codes_of(rows):  # (chunk, d) -> (chunk, m)
         xs = rows.astype(jnp.float32).reshape(chunk, m, dsub).transpose(1, 0, 2)
-        scores = norms - 2.0 * jnp.einsum("mcd,mkd->mck", xs, centroids)
+        scores = norms - 2.0 * jnp.einsum("mcd,mkd->mck", xs, centroids, precision=_HIGHEST)
         best = jnp.min(scores, axis=-1, keepdims=True)
         return jnp.min(jnp.where(scores == best, index, k), axis=-1).astype(jnp.int32).T
 
