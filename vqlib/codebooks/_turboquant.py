@@ -320,6 +320,12 @@ def _check_fit(x, bits, norm_dtype, *, low: int, high: int) -> tuple[int, int]:
     return x.shape[1], bits
 
 
+def _fit_keys(key):
+    """Two keys derived from `key`, never `key` itself: data drawn from the same key (often key(0),
+    vqlib.fit's default) would otherwise share its first rows with the rotation or projection."""
+    return jax.random.split(key)
+
+
 def _scalar_stage(key, d: int, bits: int, rotation: str, norm_dtype: str) -> TurboQuantCodebook:
     centroids = jnp.asarray(_lloyd_max(d, bits)[0], jnp.float32)
     return TurboQuantCodebook(random_rotation(key, d, kind=rotation), centroids, norm_dtype)
@@ -349,7 +355,7 @@ def fit_turboquant(key, x, *, bits: int = 4, rotation: str = "dense", norm_dtype
         ((1000, 68), 272)
     """
     d, bits = _check_fit(x, bits, norm_dtype, low=1, high=MAX_BITS)
-    return _scalar_stage(key, d, bits, rotation, norm_dtype)
+    return _scalar_stage(_fit_keys(key)[0], d, bits, rotation, norm_dtype)
 
 
 def fit_turboquant_prod(key, x, *, bits: int = 4, rotation: str = "dense", norm_dtype: str = "float16"):
@@ -372,7 +378,7 @@ def fit_turboquant_prod(key, x, *, bits: int = 4, rotation: str = "dense", norm_
         (5, 1000)
     """
     d, bits = _check_fit(x, bits, norm_dtype, low=1, high=MAX_BITS)
-    mse_key, qjl_key = jax.random.split(key)
+    mse_key, qjl_key = _fit_keys(key)
     projection = jax.random.normal(qjl_key, (d, d), jnp.float32)
     return TurboQuantProdCodebook(
         _scalar_stage(mse_key, d, bits - 1, rotation, norm_dtype), QJLCodebook(projection, norm_dtype)
@@ -399,7 +405,7 @@ def fit_qjl(key, x, *, bits: int = 1, norm_dtype: str = "float16") -> QJLCodeboo
         (100, 80)
     """
     d, bits = _check_fit(x, bits, norm_dtype, low=1, high=16)
-    return QJLCodebook(jax.random.normal(key, (bits * d, d), jnp.float32), norm_dtype)
+    return QJLCodebook(jax.random.normal(_fit_keys(key)[1], (bits * d, d), jnp.float32), norm_dtype)
 
 
 # ----------------------------------------------------------------------------- public coding
