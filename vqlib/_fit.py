@@ -79,10 +79,12 @@ def fit(x, method: str, *, key=None, **options):
 
     Args:
         x: (n, d) training vectors.
-        method: one of `vqlib.METHODS`: "kmeans", "pq", "opq", "rvq", "aq".
+        method: one of `vqlib.METHODS`: "kmeans", "pq", "opq", "rvq", "aq", "e8", "e8p",
+            "turboquant", "turboquant_prod", "qjl".
         key: PRNG key; defaults to `jax.random.key(0)`, so the same call gives the same result.
         **options: the method's options, e.g. k, m, beam, max_iter, sample_weight (see
-            `vqlib.codebooks.fit_kmeans`, `fit_pq`, `fit_opq`, `fit_rvq`, `fit_aq`).
+            `vqlib.codebooks.fit_kmeans`, `fit_pq`, `fit_opq`, `fit_rvq`, `fit_aq`, `fit_e8`,
+            `fit_e8p`, `fit_turboquant`, `fit_turboquant_prod`, `fit_qjl`).
 
     Returns:
         An immutable codebook pytree.
