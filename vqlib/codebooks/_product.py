@@ -151,7 +151,8 @@ def fit_opq(
         x: (n, d) training vectors, d divisible by m.
         m, k: as for `fit_pq`.
         num_iters: alternations of (PQ fit, rotation update).
-        max_iter: Lloyd iterations per PQ fit after the first; max_iter_first for the first.
+        max_iter: Lloyd iterations per PQ fit after the first; max_iter_first for the first and
+            for the last, on the final rotation.
         init_rotation: "random" (Haar, spreads the variance evenly over the subspaces) or
             "identity" (starts from plain PQ; better when the dimensions are already balanced).
         sample_weight: (n,) non-negative weights (the Procrustes step weights rows by them too).
@@ -189,6 +190,10 @@ def fit_opq(
         x_hat = _decode(centroids, _encode(centroids, _rotate(x, rotation)))
         rotation = _procrustes(sqrt_w * x, sqrt_w * x_hat)
         centroids = _fit_centroids(key, _rotate(x, rotation), m, k, w, init=centroids, max_iter=max_iter, impl=impl)
+    if num_iters:  # the rotation is final: converge the PQ on it (faiss trains a fresh PQ here)
+        centroids = _fit_centroids(
+            keys[0], _rotate(x, rotation), m, k, w, init=centroids, max_iter=max_iter_first, impl=impl
+        )
     return ProductCodebook(centroids, rotation)
 
 
