@@ -25,19 +25,9 @@ import jax
 import numpy as np
 
 import vqlib
-from vqlib.testing import clustered
+from vqlib.testing import clustered, mse, timed
 
 GLOVE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "glove-6b-50d" / "base.npy"
-
-
-def _mse(x, x_hat) -> float:
-    return float(np.mean(np.sum((np.asarray(x, np.float64) - np.asarray(x_hat, np.float64)) ** 2, axis=1)))
-
-
-def _timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args, **kwargs))
-    return out, time.perf_counter() - start
 
 
 def configs(d: int, quick: bool) -> list[dict]:
@@ -80,21 +70,21 @@ def _run_faiss(make, x):
         start = time.perf_counter()
         codes = pq.compute_codes(opq.apply(x))
         encode_s = time.perf_counter() - start
-        return train_s, encode_s, _mse(x, opq.reverse_transform(pq.decode(codes)))
-    _, train_s = _timed(q.train, x)
-    codes, encode_s = _timed(q.compute_codes, x)
-    return train_s, encode_s, _mse(x, q.decode(codes))
+        return train_s, encode_s, mse(x, opq.reverse_transform(pq.decode(codes)))
+    _, train_s = timed(q.train, x)
+    codes, encode_s = timed(q.compute_codes, x)
+    return train_s, encode_s, mse(x, q.decode(codes))
 
 
 def _run_vqlib(method, options, x):
-    cb, first_s = _timed(vqlib.fit, x, method, **options)
+    cb, first_s = timed(vqlib.fit, x, method, **options)
     train_s = first_s
     if first_s < 30:  # a second, compiled call; past 30 s compilation is a few percent of the first
-        cb, train_s = _timed(vqlib.fit, x, method, **options)
+        cb, train_s = timed(vqlib.fit, x, method, **options)
     vqlib.encode(cb, x[:1000])  # compiles for this codebook's static options (n differs: compiles again below)
     vqlib.encode(cb, x)
-    codes, encode_s = _timed(vqlib.encode, cb, x)
-    return first_s, train_s, encode_s, _mse(x, vqlib.decode(cb, codes)), vqlib.code_layout(cb).bits_per_vector
+    codes, encode_s = timed(vqlib.encode, cb, x)
+    return first_s, train_s, encode_s, mse(x, vqlib.decode(cb, codes)), vqlib.code_layout(cb).bits_per_vector
 
 
 def run(name: str, x: np.ndarray, quick: bool) -> list[dict]:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 import vqlib
-from vqlib.testing import clustered
+from vqlib.testing import clustered, mse, timed
 
 
 def _inertia(x, centroids) -> float:
@@ -42,16 +42,6 @@ def demo(n: int, d: int, k: int, iters: int) -> list[dict]:
     return rows
 
 
-def _mse(x, x_hat) -> float:
-    return float(np.mean(np.sum((np.asarray(x, np.float64) - np.asarray(x_hat, np.float64)) ** 2, axis=1)))
-
-
-def _timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args, **kwargs))
-    return out, time.perf_counter() - start
-
-
 def demo_codebooks(x, m: int, beam: int) -> list[dict]:
     """PQ and RVQ at m bytes per vector (m codes of 256): vqlib against faiss-cpu on the same data."""
     d = x.shape[1]
@@ -61,9 +51,9 @@ def demo_codebooks(x, m: int, beam: int) -> list[dict]:
         (f"vqlib RVQ {m}x8, beam {beam}", "rvq", dict(m=m, beam=beam)),
     ]:
         vqlib.encode(vqlib.fit(x, method, **options), x)  # compile first: the table shows steady-state times
-        cb, fit_s = _timed(vqlib.fit, x, method, **options)
-        codes, enc_s = _timed(vqlib.encode, cb, x)
-        rows.append(dict(method=label, seconds=fit_s, encode=enc_s, mse=_mse(x, vqlib.decode(cb, codes))))
+        cb, fit_s = timed(vqlib.fit, x, method, **options)
+        codes, enc_s = timed(vqlib.encode, cb, x)
+        rows.append(dict(method=label, seconds=fit_s, encode=enc_s, mse=mse(x, vqlib.decode(cb, codes))))
     try:
         import faiss
     except ImportError:
@@ -74,19 +64,19 @@ def demo_codebooks(x, m: int, beam: int) -> list[dict]:
         (f"faiss-cpu ProductQuantizer {m}x8", faiss.ProductQuantizer(d, m, 8)),
         (f"faiss-cpu RQ, beam {beam}", rq),
     ]:
-        _, fit_s = _timed(q.train, x)
-        codes, enc_s = _timed(q.compute_codes, x)
-        rows.append(dict(method=label, seconds=fit_s, encode=enc_s, mse=_mse(x, q.decode(codes))))
+        _, fit_s = timed(q.train, x)
+        codes, enc_s = timed(q.compute_codes, x)
+        rows.append(dict(method=label, seconds=fit_s, encode=enc_s, mse=mse(x, q.decode(codes))))
     return rows
 
 
 def demo_turboquant(x, bits: int) -> dict:
     """TurboQuant-mse at `bits` bits per coordinate plus a float16 norm: data-oblivious, nothing to train."""
     vqlib.encode(vqlib.fit(x, "turboquant", bits=bits), x)  # compile first
-    cb, fit_s = _timed(vqlib.fit, x, "turboquant", bits=bits)
-    codes, enc_s = _timed(vqlib.encode, cb, x)
+    cb, fit_s = timed(vqlib.fit, x, "turboquant", bits=bits)
+    codes, enc_s = timed(vqlib.encode, cb, x)
     label = f"vqlib TurboQuant {bits}b/dim + f16 norm"
-    return dict(method=label, seconds=fit_s, encode=enc_s, mse=_mse(x, vqlib.decode(cb, codes)))
+    return dict(method=label, seconds=fit_s, encode=enc_s, mse=mse(x, vqlib.decode(cb, codes)))
 
 
 def _print_table(title: str, rows: list[dict]) -> None:

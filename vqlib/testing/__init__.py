@@ -1,9 +1,25 @@
-"""Synthetic data for tests, benchmarks and the demo (public, so users can reproduce our figures)."""
+"""Synthetic data and measuring helpers for tests, benchmarks and the demo (public, so users can
+reproduce our figures)."""
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def mse(x, x_hat) -> float:
+    """Mean over rows of the squared error ||x - x_hat||^2, in float64."""
+    return float(np.mean(np.sum((np.asarray(x, np.float64) - np.asarray(x_hat, np.float64)) ** 2, axis=1)))
+
+
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), seconds), waiting for every array in the result to be computed."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    return out, time.perf_counter() - start
 
 
 def clustered(key, n: int, d: int, *, num_clusters: int = 64, intrinsic_dim: int = 8, noise: float = 0.1) -> jax.Array:
