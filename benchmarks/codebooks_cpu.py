@@ -87,9 +87,11 @@ def _run_vqlib(method, options, x):
     return first_s, train_s, encode_s, mse(x, vqlib.decode(cb, codes)), vqlib.code_layout(cb).bits_per_vector
 
 
-def run(name: str, x: np.ndarray, quick: bool) -> list[dict]:
+def run(name: str, x: np.ndarray, quick: bool, only: str | None = None) -> list[dict]:
     rows = []
     for c in configs(x.shape[1], quick):
+        if only is not None and c["method"] != only:
+            continue
         first_s, train_s, encode_s, mse, bits = _run_vqlib(c["method"], c["options"], x)
         f_train, f_encode, f_mse = _run_faiss(c["faiss"], x)
         row = dict(
@@ -118,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--only", choices=("pq", "opq", "rvq", "aq"), help="run one quantizer's rows")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "codebooks_cpu.json"))
     args = parser.parse_args()
     n = args.n or (20_000 if args.quick else 100_000)
@@ -129,10 +132,12 @@ def main() -> None:
     )
     print("(train ratio = faiss / vqlib, > 1: vqlib faster; encode ratio = vqlib / faiss; MSE ratio = vqlib / faiss)")
     x = np.asarray(clustered(jax.random.key(0), n, d, num_clusters=1024, intrinsic_dim=d // 4))
-    rows = run("clustered", x, args.quick)
+    rows = run("clustered", x, args.quick, args.only)
     if GLOVE.exists():
         glove = np.asarray(np.load(GLOVE, mmap_mode="r")[:n], np.float32)
-        rows += run("glove-64", np.ascontiguousarray(np.pad(glove, ((0, 0), (0, 64 - glove.shape[1])))), True)
+        rows += run(
+            "glove-64", np.ascontiguousarray(np.pad(glove, ((0, 0), (0, 64 - glove.shape[1])))), True, args.only
+        )
     else:
         print(f"(GloVe skipped: {GLOVE} not found)")
     out = pathlib.Path(args.out)

@@ -184,16 +184,17 @@ def fit_opq(
     if init_rotation == "random":
         rotation = random_orthogonal(rotation_key, x.shape[1])
     keys = jax.random.split(key, num_iters + 1)
-    centroids = _fit_centroids(keys[0], _rotate(x, rotation), m, k, w, max_iter=max_iter_first, impl=impl)
+    # fixed iteration counts (tol=0), as faiss: a warm-started k-means improves by less than any
+    # relative tol in its first step and would stop there (measured: MSE 8.49 with tol 1e-4, 8.35 without)
+    fit = functools.partial(_fit_centroids, m=m, k=k, sample_weight=w, tol=0.0, impl=impl)
+    centroids = fit(keys[0], _rotate(x, rotation), max_iter=max_iter_first)
     sqrt_w = jnp.ones((x.shape[0], 1), jnp.float32) if w is None else jnp.sqrt(w)[:, None]
     for key in keys[1:]:
         x_hat = _decode(centroids, _encode(centroids, _rotate(x, rotation)))
         rotation = _procrustes(sqrt_w * x, sqrt_w * x_hat)
-        centroids = _fit_centroids(key, _rotate(x, rotation), m, k, w, init=centroids, max_iter=max_iter, impl=impl)
+        centroids = fit(key, _rotate(x, rotation), init=centroids, max_iter=max_iter)
     if num_iters:  # the rotation is final: converge the PQ on it (faiss trains a fresh PQ here)
-        centroids = _fit_centroids(
-            keys[0], _rotate(x, rotation), m, k, w, init=centroids, max_iter=max_iter_first, impl=impl
-        )
+        centroids = fit(keys[0], _rotate(x, rotation), init=centroids, max_iter=max_iter_first)
     return ProductCodebook(centroids, rotation)
 
 
