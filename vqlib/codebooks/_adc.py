@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlib import _checks
+from vqlib.kernels.adc_topk.reference import scores as adc_scores
 
 
 def adc_lookup(tables, codes, bias=None) -> jax.Array:
@@ -35,9 +36,5 @@ def adc_lookup(tables, codes, bias=None) -> jax.Array:
     return _lookup(tables.astype(jnp.float32), codes, bias)
 
 
-@jax.jit
-def _lookup(tables, codes, bias):
-    out = jnp.zeros((tables.shape[0], codes.shape[0]), jnp.float32)
-    for j in range(codes.shape[1]):  # one (q, n) gather per codebook: O(q n) memory
-        out = out + jnp.take(tables[:, j], codes[:, j], axis=1)
-    return out if bias is None else out + bias[None]
+# the kernels' reference scoring (one (q, n) gather per codebook: O(q n) memory), compiled
+_lookup = jax.jit(adc_scores)
