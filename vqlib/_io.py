@@ -223,7 +223,5 @@ def load(path: str | os.PathLike, *, expect: type | None = None):
     if _type_name(obj) != metadata.get("type"):
         raise ValueError(f"{path}: the header says {metadata.get('type')} but the tree holds {_type_name(obj)}")
     if expect is not None and type(obj) is not expect:
-        raise ValueError(
-            f"{path} holds a {_type_name(obj)}, not the expected vqlib.{expect.__qualname__}"
-        )
+        raise ValueError(f"{path} holds a {_type_name(obj)}, not the expected vqlib.{expect.__qualname__}")
     return obj
