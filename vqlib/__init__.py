@@ -3,6 +3,7 @@
 from vqlib import codebooks as codebooks
 from vqlib import kernels as kernels
 from vqlib import nn as nn
+from vqlib import retrieval as retrieval
 from vqlib import testing as testing
 from vqlib._compose import DimWeighted as DimWeighted
 from vqlib._compose import ResidualChain as ResidualChain

@@ -83,6 +83,11 @@ def unpack_codes(packed, bits: int, m: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("bits", "m"))
 def _unpack(packed, bits: int, m: int):
+    if bits == 8:
+        return packed.astype(jnp.int32)
+    if bits == 4:  # low nibble first: interleave (lo, hi) per byte, then drop a padding nibble
+        nibbles = jnp.stack([packed & 15, packed >> 4], axis=-1).astype(jnp.int32)
+        return nibbles.reshape(*packed.shape[:-1], -1)[..., :m]
     stream = (packed[..., None].astype(jnp.int32) >> _positions(8, packed.ndim + 1)) & 1  # (..., bytes, 8)
     stream = stream.reshape(*packed.shape[:-1], -1)[..., : m * bits]
     stream = stream.reshape(*packed.shape[:-1], m, bits)
