@@ -37,6 +37,7 @@ KINDS = ("flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq")
 METRICS = ("l2", "ip", "cos")
 _CODEC = {"flat": "raw", "ivfflat": "raw", "pq": "pq", "ivfpq": "pq", "pqfs": "pqfs", "ivfpqfs": "pqfs", "tq": "tq"}
 _ENCODE_CHUNK = 65536  # rows encoded per step of a build (progress bar granularity)
+BLOCK = 64  # lists start on multiples of BLOCK rows, so a search reads whole blocks
 
 
 @pytree_dataclass
@@ -47,9 +48,11 @@ class Index:
         centroids: (nlist, d) float32 coarse centroids; one zero row for the flat kinds.
         codebook: ProductCodebook (pq kinds), a TurboQuant/QJL codebook ("tq") or None (raw kinds).
         data: (n, w) rows grouped by list: float32 vectors (raw kinds) or packed uint8 codes.
-        offsets: (nlist + 1,) int32; list l holds rows offsets[l]:offsets[l + 1].
-        ids: (n,) int64 numpy array of user ids, one per row (kept on the host: JAX is 32-bit).
-        live: (n,) bool; False marks a deleted row until `compact` drops it.
+        offsets: (nlist + 1,) int32, multiples of BLOCK; list l holds rows offsets[l]:offsets[l + 1],
+            its vectors first, then padding rows up to the next block.
+        ids: (n,) int64 numpy array of user ids, one per row, -1 on padding rows (kept on the
+            host: JAX is 32-bit).
+        live: (n,) bool; False on padding rows and on deleted rows until `compact` drops them.
         vectors: (n, d) float32 raw vectors for exact re-ranking, or None.
         kind: one of KINDS.
         metric: "l2" (squared distances, ascending), "ip" or "cos" (similarities, descending).
@@ -134,6 +137,8 @@ def _check_ids(ids, n: int, existing: np.ndarray) -> np.ndarray:
     if ids.shape != (n,):
         raise ValueError(f"ids must have shape ({n},), one per vector, got {ids.shape}")
     ids = ids.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"ids must be non-negative (-1 marks a missing result), got {ids.min()}")
     if np.unique(ids).size != n:
         raise ValueError("ids has repeated values; every vector needs its own id")
     clash = np.intersect1d(ids, existing)
@@ -175,12 +180,39 @@ def _encode_all(index_parts, x, *, kind: str, nbits: int, show: bool):
     return jnp.concatenate(lists), jnp.concatenate(rows)
 
 
-def _group(lists, columns: list, nlist: int):
-    """Stable sort of rows by list: (offsets (nlist + 1,) int32, columns reordered)."""
-    order = np.argsort(np.asarray(lists), kind="stable")
-    counts = np.bincount(np.asarray(lists), minlength=nlist)
-    offsets = jnp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    return offsets, [None if c is None else (c[order] if isinstance(c, np.ndarray) else c[jnp.asarray(order)]) for c in columns]
+def block_layout(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped by list, each list starting on a multiple of BLOCK rows.
+
+    Returns (source (n_padded,) int64: the input row each stored row comes from, -1 for
+    padding; offsets (nlist + 1,) int32). Stable: rows keep their order within a list.
+    """
+    counts = np.bincount(lists, minlength=nlist)
+    padded = -(-counts // BLOCK) * BLOCK
+    offsets = np.concatenate([[0], np.cumsum(padded)]).astype(np.int32)
+    source = np.full(int(offsets[-1]), -1, np.int64)
+    order = np.argsort(lists, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    within = np.arange(lists.size) - np.repeat(starts, counts)
+    source[np.repeat(offsets[:-1], counts) + within] = order
+    return source, offsets
+
+
+def take_rows(column, source: np.ndarray, fill=0):
+    """column[source], with `fill` where source is -1 (numpy or JAX column)."""
+    if column is None:
+        return None
+    if isinstance(column, np.ndarray):
+        return np.where((source >= 0).reshape(-1, *[1] * (column.ndim - 1)), column[np.maximum(source, 0)], fill)
+    rows = jnp.asarray(np.maximum(source, 0))
+    keep = jnp.asarray(source >= 0).reshape(-1, *[1] * (column.ndim - 1))
+    return jnp.where(keep, column[rows], jnp.asarray(fill, column.dtype))
+
+
+def _regroup(index: Index, lists: np.ndarray, **columns) -> Index:
+    """`index` with the given row columns laid out by `block_layout` of `lists`."""
+    source, offsets = block_layout(lists, index.nlist)
+    laid = {name: take_rows(col, source, -1 if name == "ids" else 0) for name, col in columns.items()}
+    return dataclasses.replace(index, offsets=jnp.asarray(offsets), **laid)
 
 
 def row_lists(offsets, n: int):
@@ -288,14 +320,26 @@ def build(
     train_size = None if train_size is None else _checks.check_int(train_size, "train_size", low=1)
     key = jax.random.key(0) if key is None else key
     centroids, codebook = _train(
-        key, x, kind, metric, nlist=nlist, m=m, nbits=nbits, opq=opq, bits=bits, train_size=train_size, max_iter=max_iter
+        key,
+        x,
+        kind,
+        metric,
+        nlist=nlist,
+        m=m,
+        nbits=nbits,
+        opq=opq,
+        bits=bits,
+        train_size=train_size,
+        max_iter=max_iter,
     )
     if codec(kind) == "tq":
         nbits = _turboquant.layout(codebook).bits
     empty = Index(
         centroids=centroids,
         codebook=codebook,
-        data=jnp.zeros((0, _row_width(kind, d, m, nbits, codebook)), jnp.float32 if codec(kind) == "raw" else jnp.uint8),
+        data=jnp.zeros(
+            (0, _row_width(kind, d, m, nbits, codebook)), jnp.float32 if codec(kind) == "raw" else jnp.uint8
+        ),
         offsets=jnp.zeros(centroids.shape[0] + 1, jnp.int32),
         ids=np.zeros(0, np.int64),
         live=jnp.zeros(0, bool),
@@ -328,19 +372,16 @@ def add(index: Index, x, *, ids=None, progress: bool = False) -> Index:
     _checks.check_dim(x, index.dim, "x", "the index was built for")
     new_ids = _check_ids(ids, x.shape[0], index.ids)
     lists, rows = _encode_all((index.centroids, index.codebook), x, kind=index.kind, nbits=index.nbits, show=progress)
-    old_lists = row_lists(index.offsets, index.data.shape[0])
-    vectors = None if index.vectors is None else jnp.concatenate([index.vectors, x])
-    offsets, (data, all_ids, live, vectors) = _group(
-        jnp.concatenate([old_lists, lists]),
-        [
-            jnp.concatenate([index.data, rows]),
-            np.concatenate([index.ids, new_ids]),
-            jnp.concatenate([index.live, jnp.ones(x.shape[0], bool)]),
-            vectors,
-        ],
-        index.nlist,
+    keep = np.flatnonzero(index.ids >= 0)  # stored rows, not padding
+    old = jnp.asarray(keep)
+    return _regroup(
+        index,
+        np.concatenate([np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep], np.asarray(lists)]),
+        data=jnp.concatenate([index.data[old], rows]),
+        ids=np.concatenate([index.ids[keep], new_ids]),
+        live=jnp.concatenate([index.live[old], jnp.ones(x.shape[0], bool)]),
+        vectors=None if index.vectors is None else jnp.concatenate([index.vectors[old], x]),
     )
-    return dataclasses.replace(index, data=data, offsets=offsets, ids=all_ids, live=live, vectors=vectors)
 
 
 def delete(index: Index, ids) -> Index:
@@ -352,7 +393,7 @@ def delete(index: Index, ids) -> Index:
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1:
         raise TypeError(f"ids must be a 1-D integer array, got dtype {ids.dtype} and shape {ids.shape}")
-    hit = np.isin(index.ids, ids) & np.asarray(index.live)
+    hit = np.isin(index.ids, ids) & np.asarray(index.live)  # padding rows are never live
     missing = np.setdiff1d(ids, index.ids[hit])
     if missing.size:
         raise ValueError(f"ids {missing[:5].tolist()} are not in the index (or already deleted); nothing was deleted")
@@ -362,13 +403,11 @@ def delete(index: Index, ids) -> Index:
 def compact(index: Index) -> Index:
     """Returns `index` without its deleted rows (ids and search results unchanged)."""
     keep = np.flatnonzero(np.asarray(index.live))
-    lists = np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep]
-    counts = np.bincount(lists, minlength=index.nlist)
     rows = jnp.asarray(keep)
-    return _replace(
+    return _regroup(
         index,
+        np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep],
         data=index.data[rows],
-        offsets=jnp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)),
         ids=index.ids[keep],
         live=jnp.ones(keep.size, bool),
         vectors=None if index.vectors is None else index.vectors[rows],

@@ -24,12 +24,11 @@ from jax import lax
 
 from vqlib import _checks
 from vqlib.codebooks import _packing, _product, _turboquant
-from vqlib.retrieval._index import Index, _prepare, codec, code_width, row_lists
+from vqlib.retrieval._index import BLOCK, Index, _prepare, code_width, codec, row_lists
 
 _HIGHEST = lax.Precision.HIGHEST
 _BLOCK = 4096  # database rows per step of a full scan
 _QUERY_CHUNK = 256  # queries per step of a full scan
-_GATHER_BYTES = 2**26  # working set of one chunk of the probed-lists path
 
 
 class Parts(NamedTuple):
@@ -96,49 +95,57 @@ def _tables(parts: Parts, queries, probes, s: Static):
 # ----------------------------------------------------------------------------- probed lists
 
 
-def candidates(offsets, probes, budget: int):
-    """Rows of the probed lists, padded: (rows (q, budget), probe index (q, budget), valid)."""
-    sizes = (offsets[1:] - offsets[:-1])[probes]  # (q, P)
-    ends = jnp.cumsum(sizes, axis=1)
+def candidate_blocks(offsets, probes, budget: int):
+    """Blocks of the probed lists of one query, padded: (blocks (budget,), probe slot, valid)."""
+    first = offsets[probes] // BLOCK  # (P,)
+    sizes = offsets[probes + 1] // BLOCK - first
+    ends = jnp.cumsum(sizes)
     j = jnp.arange(budget, dtype=jnp.int32)
-    slot = jax.vmap(lambda e: jnp.searchsorted(e, j, side="right"))(ends).astype(jnp.int32)
-    valid = slot < probes.shape[1]
-    slot = jnp.minimum(slot, probes.shape[1] - 1)
-    start = jnp.take_along_axis(ends - sizes, slot, axis=1)
-    rows = jnp.take_along_axis(offsets[probes], slot, axis=1) + j[None, :] - start
-    return jnp.where(valid, rows, 0), slot, valid
+    slot = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)
+    valid = slot < probes.shape[0]
+    slot = jnp.minimum(slot, probes.shape[0] - 1)
+    blocks = first[slot] + j - (ends - sizes)[slot]
+    return jnp.where(valid, blocks, 0), slot, valid
 
 
-def _score_gathered(parts: Parts, queries, probes, rows, slot, s: Static):
-    """Scores (q, C) of candidate rows (q, C) whose lists are probes[slot]."""
-    data = parts.data[rows]  # (q, C, w)
+def _score_probed(parts: Parts, query, probes, rows, slot, s: Static):
+    """Scores (C,) of one query's candidate rows (C, w), row r in list probes[slot[r]]."""
     if codec(s.kind) == "raw":
-        dots = jnp.einsum("qcd,qd->qc", data, queries, precision=_HIGHEST)
+        dots = jnp.matmul(rows, query, precision=_HIGHEST)
         if s.metric == "ip":
             return -dots
-        return jnp.sum(data * data, axis=-1) - 2.0 * dots + jnp.sum(queries * queries, axis=1)[:, None]
-    tables, bias, scale = _tables(parts, queries, probes, s)
-    q, p, m, k = tables.shape
-    flat = (slot[..., None] * m + jnp.arange(m, dtype=jnp.int32)) * k + _codes(data, s)  # (q, C, m)
-    acc = jnp.sum(jnp.take_along_axis(tables.reshape(q, 1, -1), flat.reshape(q, 1, -1), axis=2).reshape(flat.shape), -1)
-    return acc / scale[:, None] + jnp.take_along_axis(bias, slot, axis=1)
+        return jnp.sum(rows * rows, axis=1) - 2.0 * dots + jnp.sum(query * query)
+    tables, bias, scale = (t[0] for t in _tables(parts, query[None], probes[None], s))
+    p, m, k = tables.shape
+    flat = tables.reshape(-1)
+    codes = _codes(rows, s)
+    acc = jnp.zeros(rows.shape[0], jnp.float32)
+    for j in range(m):  # one column at a time: gathers from one table, as ADC scans do
+        acc = acc + jnp.take(flat, (slot * m + j) * k + codes[:, j])
+    return acc / scale + bias[slot]
 
 
 @functools.partial(jax.jit, static_argnames=("s", "k", "budget"))
 def search_probed(parts: Parts, queries, probes, *, s: Static, k: int, budget: int):
-    """(dists (q, k), rows (q, k)) over the probed lists; rows are -1 where fewer than k exist."""
-    per_query = budget * max(s.width * 4 * 3, parts.data.shape[1] * parts.data.dtype.itemsize * 2)
-    chunk = int(max(1, min(queries.shape[0], _GATHER_BYTES // max(per_query, 1))))
+    """(dists (q, k), rows (q, k)) over the probed lists, reading `budget` blocks per query; rows
+    are -1 where the lists hold fewer than k live rows. One query at a time (lax.map): its
+    blocks are gathered whole (contiguous copies) and scored, then one top-k."""
+    width = parts.data.shape[1]
+    data = parts.data.reshape(-1, BLOCK, width)
+    live = parts.live.reshape(-1, BLOCK)
+    within = jnp.arange(BLOCK, dtype=jnp.int32)
 
-    def one_chunk(args):
-        qs, ps = args
-        rows, slot, valid = candidates(parts.offsets, ps, budget)
-        scores = _score_gathered(parts, qs, ps, rows, slot, s)
-        scores = jnp.where(valid & parts.live[rows], scores, jnp.inf)
+    def one_query(args):
+        query, probes_q = args
+        blocks, slot, valid = candidate_blocks(parts.offsets, probes_q, budget)
+        rows = data[blocks].reshape(-1, width)
+        scores = _score_probed(parts, query, probes_q, rows, jnp.repeat(slot, BLOCK), s)
+        scores = jnp.where((live[blocks] & valid[:, None]).reshape(-1), scores, jnp.inf)
         neg, best = lax.top_k(-scores, k)
-        return -neg, jnp.where(jnp.isfinite(neg), jnp.take_along_axis(rows, best, axis=1), -1)
+        row_ids = (blocks[:, None] * BLOCK + within[None, :]).reshape(-1)
+        return -neg, jnp.where(jnp.isfinite(neg), row_ids[best], -1)
 
-    return _chunked(one_chunk, (queries, probes), chunk)
+    return lax.map(one_query, (queries, probes))
 
 
 def _chunked(fn, args, chunk: int):
@@ -233,7 +240,9 @@ def rerank_exact(vectors, queries, rows, *, metric: str, k: int):
 @functools.partial(jax.jit, static_argnames="nprobe")
 def probe(centroids, queries, *, nprobe: int):
     """(q, nprobe) int32 nearest coarse centroids by L2 (faiss's IVF quantizer), nearest first."""
-    scores = jnp.sum(centroids * centroids, axis=1)[None, :] - 2.0 * jnp.matmul(queries, centroids.T, precision=_HIGHEST)
+    scores = jnp.sum(centroids * centroids, axis=1)[None, :] - 2.0 * jnp.matmul(
+        queries, centroids.T, precision=_HIGHEST
+    )
     return lax.top_k(-scores, nprobe)[1].astype(jnp.int32)
 
 
@@ -302,25 +311,38 @@ def search(index: Index, queries, k: int = 10, *, nprobe: int = 1, rerank: int |
         return search_sharded(index, queries, k, nprobe=nprobe, rerank=rerank)
     queries, k, nprobe, rerank = check_search(index, queries, k, nprobe, rerank)
     parts = Parts(index.centroids, index.codebook, index.data, index.offsets, index.live)
-    dists, rows = approximate(parts, queries, _static(index), k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe))
+    dists, rows = approximate(
+        parts, queries, _static(index), k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe)
+    )
     if rerank is not None:
         dists, rows = rerank_exact(index.vectors, queries, rows, metric=_static(index).metric, k=k)
     return finish(index.metric, dists, rows, index.ids)
 
 
 def approximate(parts: Parts, queries, s: Static, *, k: int, nprobe: int, full: bool, budget: int | None = None):
-    """Top-k rows of one index (or shard) by the codec's scores."""
+    """Top-k rows of one index (or shard) by the codec's scores. Probed searches group the
+    queries by how many blocks their lists hold, one compiled call per rounded size, unless a
+    `budget` (blocks per query) is given."""
     if full:
         return search_all(parts, queries, s=s, k=k)
     probes = probe(parts.centroids, queries, nprobe=nprobe)
-    if budget is None:
-        budget = candidate_budget(parts.offsets, probes)
-    return search_probed(parts, queries, probes, s=s, k=k, budget=max(budget, k))
+    least = -(-k // BLOCK)
+    if budget is not None:
+        return search_probed(parts, queries, probes, s=s, k=k, budget=max(budget, least))
+    sizes = np.diff(np.asarray(parts.offsets)) // BLOCK
+    need = np.array([round_budget(max(int(t), least)) for t in sizes[np.asarray(probes)].sum(1)])
+    dists = np.empty((queries.shape[0], k), np.float32)
+    rows = np.empty((queries.shape[0], k), np.int32)
+    for size in np.unique(need):
+        pick = np.flatnonzero(need == size)
+        got = search_probed(parts, queries[pick], probes[pick], s=s, k=k, budget=int(size))
+        dists[pick], rows[pick] = (np.asarray(a) for a in got)
+    return jnp.asarray(dists), jnp.asarray(rows)
 
 
 def candidate_budget(offsets, probes) -> int:
-    """The padded candidate count for these probes: the largest per-query total, rounded."""
-    sizes = np.diff(np.asarray(offsets), axis=-1).reshape(-1, np.shape(offsets)[-1] - 1)  # (shards, nlist)
+    """Blocks per query covering every query's probed lists (in every shard), rounded."""
+    sizes = np.diff(np.asarray(offsets), axis=-1).reshape(-1, np.shape(offsets)[-1] - 1) // BLOCK
     return round_budget(int(sizes[:, np.asarray(probes)].sum(-1).max()))
 
 

@@ -1,10 +1,11 @@
 """Search over a database split across the devices of a `jax.sharding.Mesh`.
 
-Each device holds one shard of the rows (row r of the index goes to shard r mod S, so every
-shard has a share of every list, in list order) with its own CSR offsets; centroids and codebook are replicated. Under `jax.shard_map` each device
-searches its shard, the per-shard top-k are all-gathered and merged into the global top k.
-Re-ranking merges the per-shard candidate lists first, so each device re-scores exactly the
-candidates the single-device search would, and the result equals it.
+Each device holds one shard of the rows (the stored rows go round-robin to the S shards, so
+every shard has a share of every list) in the same block layout as an Index, with its own
+offsets; centroids and codebook are replicated. Under `jax.shard_map` each device searches its
+shard, the per-shard top-k are all-gathered and merged into the global top k. Re-ranking
+merges the per-shard candidates first, so each device re-scores exactly the candidates the
+single-device search would. Results equal the single-device ones up to the order of equal scores.
 
 Multi-host: start every process with `jax.distributed.initialize()`, build the mesh over
 `jax.devices()` (all hosts' devices) and call `shard` and `search` on every process with the
@@ -23,7 +24,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vqlib.retrieval import _search
-from vqlib.retrieval._index import Index, row_lists
+from vqlib.retrieval._index import BLOCK, Index, block_layout, row_lists, take_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,30 +67,40 @@ def shard(index: Index, mesh: Mesh, axis: str | None = None) -> ShardedIndex:
     if axis not in mesh.axis_names:
         raise ValueError(f"axis {axis!r} is not an axis of the mesh, which has {mesh.axis_names}")
     num = mesh.shape[axis]
-    n = index.data.shape[0]
-    rows_per = max(1, -(-n // num))
-    lists = np.asarray(row_lists(index.offsets, n))
-    live = np.asarray(index.live)
-    data, offsets, lives, vectors, ids = [], [], [], [], []
+    stored = np.flatnonzero(index.ids >= 0)  # rows holding vectors (live or deleted), not padding
+    lists = np.asarray(row_lists(index.offsets, index.data.shape[0]))
+    columns = dict(data=np.asarray(index.data), live=np.asarray(index.live), ids=index.ids)
+    if index.vectors is not None:
+        columns["vectors"] = np.asarray(index.vectors)
+    shards, offsets = [], []
     for s in range(num):
-        take = np.arange(s, n, num)
-        pad = rows_per - take.size
-        data.append(np.pad(np.asarray(index.data)[take], ((0, pad), (0, 0))))
-        counts = np.bincount(lists[take], minlength=index.nlist)
-        offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-        lives.append(np.pad(live[take], (0, pad)))
-        ids.append(np.pad(index.ids[take], (0, pad), constant_values=-1))
-        if index.vectors is not None:
-            vectors.append(np.pad(np.asarray(index.vectors)[take], ((0, pad), (0, 0))))
+        take = stored[s::num]
+        source, offs = block_layout(lists[take], index.nlist)
+        shards.append({name: take_rows(col[take], source, -1 if name == "ids" else 0) for name, col in columns.items()})
+        offsets.append(offs)
+    rows_per = max(BLOCK, max(int(o[-1]) for o in offsets))
+
+    def stack(name):  # shards padded to rows_per rows (dead, id -1) and stacked
+        return np.stack(
+            [
+                np.pad(
+                    sh[name],
+                    [(0, rows_per - len(sh[name]))] + [(0, 0)] * (sh[name].ndim - 1),
+                    constant_values=-1 if name == "ids" else 0,
+                )
+                for sh in shards
+            ]
+        )
+
     split = NamedSharding(mesh, PartitionSpec(axis))
     put = functools.partial(jax.device_put, device=split)
     whole = NamedSharding(mesh, PartitionSpec())
     parts = _search.Parts(
         jax.device_put(index.centroids, whole),
         jax.device_put(index.codebook, whole),
-        put(np.stack(data)),
+        put(stack("data")),
         put(np.stack(offsets)),
-        put(np.stack(lives)),
+        put(stack("live")),
     )
     template = dataclasses.replace(
         index,
@@ -99,8 +110,8 @@ def shard(index: Index, mesh: Mesh, axis: str | None = None) -> ShardedIndex:
         live=index.live[:0],
         vectors=None if index.vectors is None else index.vectors[:0],
     )
-    stacked_vectors = put(np.stack(vectors)) if vectors else None
-    return ShardedIndex(template, parts, stacked_vectors, np.concatenate(ids), int(live.sum()), mesh, axis)
+    vectors = None if index.vectors is None else put(stack("vectors"))
+    return ShardedIndex(template, parts, vectors, stack("ids").reshape(-1), index.ntotal, mesh, axis)
 
 
 def _merge(dists, rows, k: int, axis: str):
@@ -147,7 +158,7 @@ def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank:
     budget = None
     if not full:
         probes = _search.probe(t.centroids, queries, nprobe=nprobe)
-        budget = max(_search.candidate_budget(index.parts.offsets, probes), rerank or k)
+        budget = _search.candidate_budget(index.parts.offsets, probes)
     dists, rows = _search_sharded(
         index.parts,
         index.vectors,
