@@ -5,6 +5,8 @@ and batched over queries; `shard` splits an index over a device mesh; `vqlib.sav
 `vqlib.load` store an Index in the common format.
 """
 
+from vqlib.retrieval._faiss import from_faiss as from_faiss
+from vqlib.retrieval._faiss import to_faiss as to_faiss
 from vqlib.retrieval._index import KINDS as KINDS
 from vqlib.retrieval._index import Index as Index
 from vqlib.retrieval._index import add as add
