@@ -1,4 +1,5 @@
-"""Command line: `python -m vqlib demo` runs the main job on generated data (no download)."""
+"""Command line: `python -m vqlib demo` runs the main job on generated data (no download);
+`python -m vqlib index build|search|info` builds and queries ANN indexes from .npy files."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 
 import vqlib
+from vqlib.retrieval import _cli as retrieval_cli
 from vqlib.testing import clustered, mse, timed
 
 
@@ -79,6 +81,44 @@ def demo_turboquant(x, bits: int) -> dict:
     return dict(method=label, seconds=fit_s, encode=enc_s, mse=mse(x, vqlib.decode(cb, codes)))
 
 
+def demo_index(x, m: int, nprobe: int = 16) -> list[dict]:
+    """IVF-PQ at m bytes per vector: build, then 1,000 queries; vqlib against faiss-cpu's IndexIVFPQ."""
+    queries, base = x[:1000], x[1000:]
+    nlist = int(4 * np.sqrt(len(base)))
+    exact = vqlib.retrieval.search(vqlib.retrieval.build(base, "flat"), queries, k=10)[1]
+
+    def recall(ids) -> float:
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=True)]))
+
+    index, build_s = timed(vqlib.retrieval.build, base, "ivfpq", nlist=nlist, m=m)
+    vqlib.retrieval.search(index, queries, k=10, nprobe=nprobe)  # compile first
+    (_, ids), search_s = timed(vqlib.retrieval.search, index, queries, k=10, nprobe=nprobe)
+    rows = [
+        dict(method=f"vqlib IVF{nlist},PQ{m} nprobe {nprobe}", build=build_s, qps=1000 / search_s, recall=recall(ids))
+    ]
+    try:
+        import faiss
+    except ImportError:
+        return rows
+    start = time.perf_counter()
+    peer = faiss.IndexIVFPQ(faiss.IndexFlatL2(x.shape[1]), x.shape[1], nlist, m, 8)
+    peer.train(base)
+    peer.add(base)
+    build_s = time.perf_counter() - start
+    peer.nprobe = nprobe
+    start = time.perf_counter()
+    ids = peer.search(queries, 10)[1]
+    rows.append(
+        dict(
+            method=f"faiss-cpu IVF{nlist},PQ{m} nprobe {nprobe}",
+            build=build_s,
+            qps=1000 / (time.perf_counter() - start),
+            recall=recall(ids),
+        )
+    )
+    return rows
+
+
 def _print_table(title: str, rows: list[dict]) -> None:
     print(title)
     print(f"{'method':<36} {'fit s':>8} {'inertia':>14}")
@@ -94,8 +134,11 @@ def main(argv=None) -> None:
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
+    retrieval_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "index":
+        retrieval_cli.run(args)
+    elif args.command == "demo":
         print(
             f"vqlib {vqlib.__version__} on {jax.devices()[0].platform}; n={args.n} d={args.d} k={args.k}, "
             f"{args.iters} Lloyd iterations from the same k-means++ seeds"
@@ -109,6 +152,10 @@ def main(argv=None) -> None:
         print(f"{'method':<36} {'fit s':>8} {'encode s':>9} {'MSE':>12}")
         for r in [*demo_codebooks(x, m, beam=4), demo_turboquant(x, bits=max(1, round(8 * m / args.d)))]:
             print(f"{r['method']:<36} {r['seconds']:>8.2f} {r['encode']:>9.2f} {r['mse']:>12.6g}")
+        print(f"\nANN index: {m} bytes per vector, 1,000 held-out queries, recall@10 against exact search")
+        print(f"{'method':<36} {'build s':>8} {'queries/s':>10} {'recall@10':>10}")
+        for r in demo_index(x, m):
+            print(f"{r['method']:<36} {r['build']:>8.2f} {r['qps']:>10.0f} {r['recall']:>10.3f}")
 
 
 if __name__ == "__main__":
