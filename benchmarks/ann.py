@@ -81,6 +81,14 @@ def configs(d: int, nlist: int) -> list[dict]:
             factory=f"IVF{nlist},PQ{m8}",
             sweep=probes,
         ),
+        dict(
+            name=f"IVF-PQ {m8}x8 + re-rank 10k",
+            kind="ivfpq",
+            opts=dict(nlist=nlist, m=m8, keep_vectors=True),
+            factory=f"IVF{nlist},PQ{m8},RFlat",  # IndexRefineFlat: raw vectors kept, k_factor 10
+            sweep=probes,
+            rerank=10,
+        ),
         dict(name=f"PQ fast-scan {m4}x4", kind="pqfs", opts=dict(m=m4), factory=f"PQ{m4}x4fs", sweep=[1]),
         dict(
             name=f"IVF-PQ fast-scan {m4}x4",
@@ -89,7 +97,7 @@ def configs(d: int, nlist: int) -> list[dict]:
             factory=f"IVF{nlist},PQ{m4}x4fsr",  # "r": residual codes, as vqlib's
             sweep=probes,
         ),
-        dict(name="sign codes + re-rank", kind="tq", opts=dict(bits=1), factory="RaBitQ", sweep=[1, 2, 5, 10, 20, 50]),
+        dict(name="sign codes + re-rank", kind="rabitq", opts={}, factory="RaBitQ", sweep=[1, 2, 5, 10, 20, 50]),
     ]
 
 
@@ -110,14 +118,14 @@ def run_vqlib(cfg, base, queries, truth, metric, stop) -> dict:
     build_s = time.perf_counter() - start
     points = []
     for p in cfg["sweep"]:
-        if cfg["kind"] == "tq":
+        if cfg["kind"] == "rabitq":
             kwargs = dict(rerank=10 * p)  # as faiss's IndexRefine k_factor: p * k candidates
         elif cfg["kind"] == "pqfs":
             kwargs = {}
         else:
             if p > index.nlist:
                 break
-            kwargs = dict(nprobe=p)
+            kwargs = dict(nprobe=p, rerank=10 * cfg["rerank"]) if "rerank" in cfg else dict(nprobe=p)
         ids, seconds = timed_search(lambda kw=kwargs: retrieval.search(index, queries, k=10, **kw)[1])
         points.append(dict(param=p, recall=recall(ids, truth), qps=len(queries) / seconds))
         print(
@@ -131,7 +139,7 @@ def run_vqlib(cfg, base, queries, truth, metric, stop) -> dict:
 
 def _faiss_index(cfg, d: int, metric: str):
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    if cfg["kind"] == "tq":
+    if cfg["kind"] == "rabitq":
         return faiss.IndexRefineFlat(faiss.IndexRaBitQ(d, faiss_metric))
     return faiss.index_factory(d, cfg["factory"], faiss_metric)
 
@@ -148,13 +156,15 @@ def run_faiss(cfg, base, queries, truth, metric, stop) -> dict:
     points = []
     for p in cfg["sweep"]:
         params = None
-        if cfg["kind"] == "tq":
+        if cfg["kind"] == "rabitq":
             params = faiss.IndexRefineSearchParameters(k_factor=p)
         elif cfg["kind"] != "pqfs":
             ivf = faiss.extract_index_ivf(index)
             if p > ivf.nlist:
                 break
             ivf.nprobe = p
+            if "rerank" in cfg:
+                params = faiss.IndexRefineSearchParameters(k_factor=cfg["rerank"])
         ids, seconds = timed_search(lambda params=params: index.search(queries, 10, params=params)[1])
         points.append(dict(param=p, recall=recall(ids, truth), qps=len(queries) / seconds))
         print(
@@ -165,9 +175,9 @@ def run_faiss(cfg, base, queries, truth, metric, stop) -> dict:
             break
     if cfg["kind"] == "ivfflat":
         code_bytes = 4 * base.shape[1]
-    elif cfg["kind"] == "tq":
+    elif cfg["kind"] == "rabitq":
         code_bytes = int(faiss.downcast_index(index.base_index).code_size)
-    else:
+    else:  # code bytes (re-ranking's raw vectors not counted, for either library)
         code_bytes = int((faiss.extract_index_ivf(index) if cfg["kind"].startswith("ivf") else index).code_size)
     return dict(build_s=build_s, bytes=code_bytes, points=points)
 
@@ -218,7 +228,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="base vectors (synthetic)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--nlist", type=int, default=None)
-    parser.add_argument("--only", default=None, help="comma-separated index kinds (ivfflat,ivfpq,pqfs,ivfpqfs,tq)")
+    parser.add_argument("--only", default=None, help="comma-separated index names' first words (IVF-Flat, ...)")
     parser.add_argument("--stop", type=float, default=0.995, help="end a sweep at this recall")
     parser.add_argument("--quick", action="store_true", help="short sweeps (smoke test)")
     args = parser.parse_args()
@@ -241,7 +251,7 @@ def main() -> None:
         indexes={},
     )
     for cfg in configs(base.shape[1], nlist):
-        if args.only and cfg["kind"] not in args.only.split(","):
+        if args.only and not any(cfg["name"].startswith(o) for o in args.only.split(",")):
             continue
         if args.quick:
             cfg["sweep"] = cfg["sweep"][:3]
@@ -254,6 +264,9 @@ def main() -> None:
             r[lib]["qps_at_0.9"] = qps_at(r[lib]["points"], 0.9)
         results["indexes"][cfg["name"]] = r
     out = HERE / "results" / f"ann_{args.dataset}{'_quick' if args.quick else ''}.json"
+    if args.only and out.exists():  # a partial rerun replaces its rows in the last full run
+        previous = json.loads(out.read_text())
+        results["indexes"] = {**previous["indexes"], **results["indexes"]}
     out.write_text(json.dumps(results, indent=1))
     plot(results, out.with_suffix(".png"))
     print(

@@ -12,7 +12,7 @@ import jax
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, Quantizer
-from vqlib.codebooks import _additive, _e8, _kmeans, _product, _turboquant
+from vqlib.codebooks import _additive, _e8, _kmeans, _product, _rabitq, _turboquant
 from vqlib.kernels import assign as assign_op
 
 _PQ = (_product.encode, _product.decode, _product.layout, _product.adc_tables)
@@ -33,6 +33,10 @@ METHODS: dict[str, tuple[type, Quantizer]] = {
         Quantizer(_turboquant.fit_turboquant_prod, *_TURBOQUANT),
     ),
     "qjl": (_turboquant.QJLCodebook, Quantizer(_turboquant.fit_qjl, *_TURBOQUANT)),
+    "rabitq": (
+        _rabitq.RaBitQCodebook,
+        Quantizer(_rabitq.fit_rabitq, _rabitq.encode, _rabitq.decode, _rabitq.layout),
+    ),
 }
 
 
@@ -80,11 +84,11 @@ def fit(x, method: str, *, key=None, **options):
     Args:
         x: (n, d) training vectors.
         method: one of `vqlib.METHODS`: "kmeans", "pq", "opq", "rvq", "aq", "e8", "e8p",
-            "turboquant", "turboquant_prod", "qjl".
+            "turboquant", "turboquant_prod", "qjl", "rabitq".
         key: PRNG key; defaults to `jax.random.key(0)`, so the same call gives the same result.
         **options: the method's options, e.g. k, m, beam, max_iter, sample_weight (see
             `vqlib.codebooks.fit_kmeans`, `fit_pq`, `fit_opq`, `fit_rvq`, `fit_aq`, `fit_e8`,
-            `fit_e8p`, `fit_turboquant`, `fit_turboquant_prod`, `fit_qjl`).
+            `fit_e8p`, `fit_turboquant`, `fit_turboquant_prod`, `fit_qjl`, `fit_rabitq`).
 
     Returns:
         An immutable codebook pytree.

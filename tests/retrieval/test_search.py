@@ -169,22 +169,42 @@ def test_turboquant_index_reranks_to_exact_neighbours(data, bits):
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_turboquant_index_scores_are_the_codebooks_estimates(data, metric):
-    # the estimator's unbiasedness over random rotations is tested in tests/codebooks/test_turboquant.py;
-    # here: the index scores every stored code with exactly that estimator
+@pytest.mark.parametrize("kind", ["tq", "rabitq"])
+def test_estimating_indexes_score_with_the_codebooks_estimates(data, metric, kind):
+    # the estimators' unbiasedness over random rotations is tested in tests/codebooks/ (test_turboquant.py,
+    # test_rabitq.py); here: the index scores every stored code with exactly that estimator
     x, q = data
-    index = retrieval.build(x[:2000], "tq", metric=metric, bits=2)
+    index = retrieval.build(x[:2000], kind, metric=metric, **(dict(bits=2) if kind == "tq" else {}))
     scores, ids = retrieval.search(index, q[:50], k=2000)  # every vector
     stored = np.flatnonzero(index.ids >= 0)
     layout = vqlib.code_layout(index.codebook)
     codes = vqlib.codebooks.unpack_codes(index.data[stored], bits=layout.bits, m=layout.num_codebooks)
+    # both estimators are linear in the query: <y, x> ~ <y, decode(code)>, so decode is the reference
+    x_hat = np.asarray(vqlib.decode(index.codebook, codes), np.float64)
     estimate = np.asarray(vqlib.inner_product(index.codebook, codes, q[:50]), np.float64)
-    if metric == "l2":
-        norms = np.linalg.norm(x[index.ids[stored]], axis=1)  # stored exactly (float32 norms)
-        estimate = (q[:50] ** 2).sum(1)[:, None] + norms[None] ** 2 - 2 * estimate
+    np.testing.assert_allclose(estimate, q[:50] @ x_hat.T, rtol=1e-4, atol=1e-3)
+    if metric == "l2":  # |q - x|^2 = |q - c|^2 + |x - c|^2 - 2 <q - c, x - c>; |x - c| is stored exactly
+        c = np.asarray(index.codebook.center, np.float64) if kind == "rabitq" else np.zeros(32)
+        norms = np.linalg.norm(x[index.ids[stored]] - c, axis=1)
+        estimate = ((q[:50] - c) ** 2).sum(1)[:, None] + norms[None] ** 2 - 2 * (q[:50] - c) @ (x_hat - c).T
     columns = np.empty(2000, np.int64)
     columns[index.ids[stored]] = np.arange(len(stored))
     np.testing.assert_allclose(scores, np.take_along_axis(estimate, columns[ids], 1), rtol=1e-4, atol=1e-2)
+
+
+def test_rabitq_index_recall_matches_faiss_rabitq(data):
+    faiss = pytest.importorskip("faiss")
+    x, q = data
+    truth = _brute(x, q, "l2", 10)[1]
+    index = retrieval.build(x, "rabitq")
+    peer = faiss.IndexRefineFlat(faiss.IndexRaBitQ(32, faiss.METRIC_L2))
+    peer.train(x)
+    peer.add(x)
+    for factor in (2, 10):  # candidates re-ranked: factor * k
+        ours = _recall(retrieval.search(index, q, k=10, rerank=10 * factor)[1], truth)
+        params = faiss.IndexRefineSearchParameters(k_factor=factor)
+        theirs = _recall(peer.search(q, 10, params=params)[1], truth)
+        assert ours >= theirs - 0.03, (factor, ours, theirs)
 
 
 def test_add_delete_compact_save_load_keep_results(data, tmp_path):

@@ -25,6 +25,8 @@ from vqlib.codebooks._packing import unpack_codes as unpack_codes
 from vqlib.codebooks._product import ProductCodebook as ProductCodebook
 from vqlib.codebooks._product import fit_opq as fit_opq
 from vqlib.codebooks._product import fit_pq as fit_pq
+from vqlib.codebooks._rabitq import RaBitQCodebook as RaBitQCodebook
+from vqlib.codebooks._rabitq import fit_rabitq as fit_rabitq
 from vqlib.codebooks._turboquant import QJLCodebook as QJLCodebook
 from vqlib.codebooks._turboquant import TurboQuantCodebook as TurboQuantCodebook
 from vqlib.codebooks._turboquant import TurboQuantProdCodebook as TurboQuantProdCodebook

@@ -4,7 +4,8 @@ Supported both ways: IndexFlatL2 / IndexFlatIP ("flat"), IndexIVFFlat ("ivfflat"
 ("pq"), IndexIVFPQ with by_residual ("ivfpq"), and either PQ wrapped in an IndexPreTransform
 with an OPQMatrix (OPQ). Exported PQ kinds with 4-bit codes become faiss's fast-scan indexes
 ("pqfs" -> IndexPQFastScan, "ivfpqfs" -> IndexIVFPQFastScan). Ids travel with the vectors
-(flat and PQ indexes are wrapped in IndexIDMap2 on export). "tq" has no faiss counterpart, and
+(flat and PQ indexes are wrapped in IndexIDMap2 on export). "tq" has no faiss counterpart and
+"rabitq" is not exported (faiss's IndexRaBitQ stores its factors differently), and
 faiss has no cosine metric: a "cos" index exports as inner product over its unit vectors, so
 normalise the queries before searching it in faiss.
 """
@@ -140,8 +141,8 @@ def to_faiss(index: Index):
     faiss = _faiss()
     if not isinstance(index, Index):
         raise TypeError(f"index must be a vqlib.retrieval.Index, got {type(index).__name__}")
-    if index.kind == "tq":
-        raise ValueError("faiss has no TurboQuant index; export a flat, ivfflat or PQ kind")
+    if index.kind in ("tq", "rabitq"):
+        raise ValueError(f"a {index.kind!r} index cannot be exported to faiss; export a flat, ivfflat or PQ kind")
     d = index.dim
     metric = faiss.METRIC_L2 if index.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     keep = np.flatnonzero(np.asarray(index.live))

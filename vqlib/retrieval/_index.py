@@ -4,7 +4,8 @@ Every index is an inverted file: `nlist` coarse centroids and, for each list, a 
 of rows (CSR layout: list l holds rows offsets[l]:offsets[l + 1]). The flat kinds are the case
 nlist = 1 with a zero centroid, so one search path serves all of them. A row stores either the
 raw vector ("flat", "ivfflat") or the packed code of the vector's residual from its list's
-centroid ("pq", "ivfpq", "pqfs", "ivfpqfs"), or a data-oblivious TurboQuant / sign code ("tq").
+centroid ("pq", "ivfpq", "pqfs", "ivfpqfs"), or a data-oblivious TurboQuant code ("tq") or
+RaBitQ sign code ("rabitq"); these two are flat kinds, read by an unbiased inner-product estimate.
 
 | kind | codes | search | faiss peer |
 |---|---|---|---|
@@ -12,7 +13,8 @@ centroid ("pq", "ivfpq", "pqfs", "ivfpqfs"), or a data-oblivious TurboQuant / si
 | ivfflat | float32 vector | exact within the probed lists | IndexIVFFlat |
 | pq / ivfpq | m codes of `nbits` (OPQ optional) | ADC, float tables | IndexPQ / IndexIVFPQ |
 | pqfs / ivfpqfs | m 4-bit codes, 2 per byte | ADC, tables rounded to uint8 | IndexPQFastScan / IndexIVFPQFastScan |
-| tq | TurboQuant-prod (bits >= 2) or QJL signs (bits = 1) | unbiased inner-product estimate | IndexRaBitQ |
+| tq | TurboQuant-prod (bits >= 2) or QJL signs (bits = 1) | unbiased inner-product estimate | - |
+| rabitq | RaBitQ: d sign bits + two float32 | unbiased inner-product estimate | IndexRaBitQ |
 
 Any kind may keep the raw vectors (`keep_vectors=True`) so `search(..., rerank=R)` re-scores
 its R best candidates exactly (faiss's IndexRefineFlat).
@@ -28,14 +30,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlib import _checks
+from vqlib._fit import code_layout as vqlib_layout
 from vqlib._progress import progress
 from vqlib._types import pytree_dataclass, static_field
-from vqlib.codebooks import _kmeans, _packing, _product, _turboquant
+from vqlib.codebooks import _kmeans, _packing, _product, _rabitq, _turboquant
 from vqlib.kernels.assign import assign
 
-KINDS = ("flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq")
+KINDS = ("flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq", "rabitq")
 METRICS = ("l2", "ip", "cos")
-_CODEC = {"flat": "raw", "ivfflat": "raw", "pq": "pq", "ivfpq": "pq", "pqfs": "pqfs", "ivfpqfs": "pqfs", "tq": "tq"}
+_CODEC = {
+    "flat": "raw",
+    "ivfflat": "raw",
+    "pq": "pq",
+    "ivfpq": "pq",
+    "pqfs": "pqfs",
+    "ivfpqfs": "pqfs",
+    "tq": "tq",
+    "rabitq": "rabitq",
+}
 _ENCODE_CHUNK = 65536  # rows encoded per step of a build (progress bar granularity)
 BLOCK = 64  # lists start on multiples of BLOCK rows, so a search reads whole blocks
 
@@ -46,7 +58,8 @@ class Index:
 
     Attributes:
         centroids: (nlist, d) float32 coarse centroids; one zero row for the flat kinds.
-        codebook: ProductCodebook (pq kinds), a TurboQuant/QJL codebook ("tq") or None (raw kinds).
+        codebook: ProductCodebook (pq kinds), a TurboQuant/QJL codebook ("tq"), a RaBitQCodebook
+            ("rabitq") or None (raw kinds).
         data: (n, w) rows grouped by list: float32 vectors (raw kinds) or packed uint8 codes.
         offsets: (nlist + 1,) int32, multiples of BLOCK; list l holds rows offsets[l]:offsets[l + 1],
             its vectors first, then padding rows up to the next block.
@@ -57,7 +70,7 @@ class Index:
         kind: one of KINDS.
         metric: "l2" (squared distances, ascending), "ip" or "cos" (similarities, descending).
             "cos" stores and searches unit vectors.
-        nbits: bits per code (PQ kinds; 1-4 for "tq"), 0 for raw kinds.
+        nbits: bits per packed code column (PQ kinds; "tq", "rabitq"), 0 for raw kinds.
     """
 
     centroids: jax.Array
@@ -90,11 +103,11 @@ def codec(kind: str) -> str:
 
 
 def code_width(index: Index) -> int:
-    """Codes per row (m for PQ kinds, the codebook's columns for "tq"), 0 for raw rows."""
+    """Codes per row (m for PQ kinds, the codebook's columns for "tq" / "rabitq"), 0 for raw rows."""
     if codec(index.kind) == "raw":
         return 0
-    if codec(index.kind) == "tq":
-        return _turboquant.layout(index.codebook).num_codebooks
+    if codec(index.kind) in ("tq", "rabitq"):
+        return vqlib_layout(index.codebook).num_codebooks
     return index.codebook.centroids.shape[0]
 
 
@@ -162,6 +175,8 @@ def _encode_rows(centroids, codebook, x, lists, *, kind: str, nbits: int):
         return x
     if codec(kind) == "tq":
         codes = _turboquant._encode(codebook, x)
+    elif codec(kind) == "rabitq":
+        codes = _rabitq._encode(codebook, x)
     else:
         codes = _product.encode(codebook, x - centroids[lists])
     return _packing._pack(codes, nbits)
@@ -240,6 +255,8 @@ def _train(key, x, kind: str, metric: str, *, nlist, m, nbits, opq, bits, train_
     if codec(kind) == "tq":
         fit = _turboquant.fit_qjl if bits == 1 else _turboquant.fit_turboquant_prod
         return centroids, fit(k_codes, x, bits=bits, norm_dtype="float32")
+    if codec(kind) == "rabitq":
+        return centroids, _rabitq.fit_rabitq(k_codes, x)
     return centroids, None
 
 
@@ -264,7 +281,7 @@ def build(
 
     Args:
         x: (n, d) float vectors, finite.
-        kind: one of "flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq".
+        kind: one of "flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq", "rabitq".
         metric: "l2", "ip" or "cos".
         nlist: coarse lists of the "ivf*" kinds (default about 4 sqrt(n)); 1 <= nlist <= n.
         m: PQ codes per vector (d divisible by m; even for fast-scan). Bytes per vector:
@@ -275,7 +292,7 @@ def build(
             dimension), b >= 2 TurboQuant-prod; plus one float32 norm (two for b >= 2).
         ids: (n,) int64 user ids, distinct; default 0 .. n-1.
         keep_vectors: also store the raw vectors for `search(..., rerank=R)` (default: True
-            for "tq", whose estimates are meant to be re-ranked; False otherwise).
+            for "tq" and "rabitq", whose estimates are meant to be re-ranked; False otherwise).
         train_size: train on a uniform sample of this many rows (default: nlist * 256 for the
             coarse quantizer, as faiss; PQ then samples 256 points per centroid).
         max_iter: Lloyd iterations of the coarse k-means.
@@ -314,7 +331,7 @@ def build(
         nbits = 0
     if codec(kind) == "tq":
         bits = _checks.check_int(bits, "bits", low=1, high=4)
-    keep_vectors = kind == "tq" if keep_vectors is None else bool(keep_vectors)
+    keep_vectors = kind in ("tq", "rabitq") if keep_vectors is None else bool(keep_vectors)
     if train_size is None and kind.startswith("ivf"):
         train_size = 256 * nlist
     train_size = None if train_size is None else _checks.check_int(train_size, "train_size", low=1)
@@ -332,8 +349,8 @@ def build(
         train_size=train_size,
         max_iter=max_iter,
     )
-    if codec(kind) == "tq":
-        nbits = _turboquant.layout(codebook).bits
+    if codec(kind) in ("tq", "rabitq"):
+        nbits = vqlib_layout(codebook).bits
     empty = Index(
         centroids=centroids,
         codebook=codebook,
@@ -354,7 +371,7 @@ def build(
 def _row_width(kind: str, d: int, m, nbits: int, codebook) -> int:
     if codec(kind) == "raw":
         return d
-    width = m if codec(kind) != "tq" else _turboquant.layout(codebook).num_codebooks
+    width = m if codec(kind) in ("pq", "pqfs") else vqlib_layout(codebook).num_codebooks
     return _packing.packed_width(width, nbits)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from vqlib import _checks
-from vqlib.codebooks import _packing, _product, _turboquant
+from vqlib.codebooks import _packing, _product, _rabitq, _turboquant
 from vqlib.retrieval._index import BLOCK, Index, _prepare, code_width, codec, row_lists
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -163,6 +163,15 @@ def _chunked(fn, args, chunk: int):
 def _score_block(parts: Parts, queries, block, lists, state, s: Static):
     """Scores (qc, B) of a block of rows (B, w) shared by the queries (qc, d)."""
     c = codec(s.kind)
+    if c == "rabitq":  # ||q - c||^2 + ||r||^2 - 2 <q - c, r>  or  <q, c> + <q, r>, <., r> estimated
+        cb = parts.codebook
+        codes = _codes(block, s)
+        y = queries - cb.center[None, :] if s.metric == "l2" else queries
+        est = _rabitq.residual_dots(cb, codes, y)
+        if s.metric == "ip":
+            return -(est + jnp.matmul(queries, cb.center, precision=_HIGHEST)[:, None])
+        norms = _rabitq.split(cb, codes)[1]
+        return jnp.sum(y * y, axis=1)[:, None] + (norms * norms)[None, :] - 2.0 * est
     if c == "tq":
         codes = _codes(block, s)
         est = _turboquant._inner(parts.codebook, codes, queries)
