@@ -112,28 +112,41 @@ def timed_search(fn) -> tuple[np.ndarray, float]:
     return ids, time.perf_counter() - start
 
 
-def run_vqlib(cfg, base, queries, truth, metric, stop) -> dict:
-    start = time.perf_counter()
-    index = retrieval.build(base, cfg["kind"], metric=metric, **cfg["opts"])
-    build_s = time.perf_counter() - start
+def sweep(label: str, cfg: dict, search_at, queries, truth, stop: float) -> list[dict]:
+    """Runs `search_at(p)` (ids, or None past the sweep's end) for each point of the sweep."""
     points = []
     for p in cfg["sweep"]:
-        if cfg["kind"] == "rabitq":
-            kwargs = dict(rerank=10 * p)  # as faiss's IndexRefine k_factor: p * k candidates
-        elif cfg["kind"] == "pqfs":
-            kwargs = {}
-        else:
-            if p > index.nlist:
-                break
-            kwargs = dict(nprobe=p, rerank=10 * cfg["rerank"]) if "rerank" in cfg else dict(nprobe=p)
-        ids, seconds = timed_search(lambda kw=kwargs: retrieval.search(index, queries, k=10, **kw)[1])
+        search = search_at(p)
+        if search is None:
+            break
+        ids, seconds = timed_search(search)
         points.append(dict(param=p, recall=recall(ids, truth), qps=len(queries) / seconds))
         print(
-            f"  vqlib {cfg['name']:<26} {p:>4} recall {points[-1]['recall']:.3f} qps {points[-1]['qps']:>9.0f}",
+            f"  {label} {cfg['name']:<30} {p:>4} recall {points[-1]['recall']:.3f} qps {points[-1]['qps']:>9.0f}",
             flush=True,
         )
         if points[-1]["recall"] >= stop:
             break
+    return points
+
+
+def run_vqlib(cfg, base, queries, truth, metric, stop) -> dict:
+    start = time.perf_counter()
+    index = retrieval.build(base, cfg["kind"], metric=metric, **cfg["opts"])
+    build_s = time.perf_counter() - start
+
+    def search_at(p):
+        if cfg["kind"] == "rabitq":
+            kwargs = dict(rerank=10 * p)  # as faiss's IndexRefine k_factor: p * k candidates
+        elif cfg["kind"] == "pqfs":
+            kwargs = {}
+        elif p > index.nlist:
+            return None
+        else:
+            kwargs = dict(nprobe=p, rerank=10 * cfg["rerank"]) if "rerank" in cfg else dict(nprobe=p)
+        return lambda: retrieval.search(index, queries, k=10, **kwargs)[1]
+
+    points = sweep("vqlib", cfg, search_at, queries, truth, stop)
     return dict(build_s=build_s, bytes=retrieval.bytes_per_vector(index), points=points)
 
 
@@ -153,26 +166,21 @@ def run_faiss(cfg, base, queries, truth, metric, stop) -> dict:
     index.train(base)
     index.add(base)
     build_s = time.perf_counter() - start
-    points = []
-    for p in cfg["sweep"]:
+
+    def search_at(p):
         params = None
         if cfg["kind"] == "rabitq":
             params = faiss.IndexRefineSearchParameters(k_factor=p)
         elif cfg["kind"] != "pqfs":
             ivf = faiss.extract_index_ivf(index)
             if p > ivf.nlist:
-                break
+                return None
             ivf.nprobe = p
             if "rerank" in cfg:
                 params = faiss.IndexRefineSearchParameters(k_factor=cfg["rerank"])
-        ids, seconds = timed_search(lambda params=params: index.search(queries, 10, params=params)[1])
-        points.append(dict(param=p, recall=recall(ids, truth), qps=len(queries) / seconds))
-        print(
-            f"  faiss {cfg['name']:<26} {p:>4} recall {points[-1]['recall']:.3f} qps {points[-1]['qps']:>9.0f}",
-            flush=True,
-        )
-        if points[-1]["recall"] >= stop:
-            break
+        return lambda: index.search(queries, 10, params=params)[1]
+
+    points = sweep("faiss", cfg, search_at, queries, truth, stop)
     if cfg["kind"] == "ivfflat":
         code_bytes = 4 * base.shape[1]
     elif cfg["kind"] == "rabitq":
