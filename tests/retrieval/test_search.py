@@ -168,12 +168,15 @@ def test_turboquant_index_reranks_to_exact_neighbours(data, bits):
     )
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-@pytest.mark.parametrize("kind", ["tq", "rabitq"])
+@pytest.mark.parametrize(
+    "kind, metric", [("tq", "ip"), ("tq", "l2"), ("rabitq", "ip"), ("rabitq", "l2"), ("rabitq", "cos")]
+)
 def test_estimating_indexes_score_with_the_codebooks_estimates(data, metric, kind):
     # the estimators' unbiasedness over random rotations is tested in tests/codebooks/ (test_turboquant.py,
     # test_rabitq.py); here: the index scores every stored code with exactly that estimator
     x, q = data
+    if metric == "cos":
+        x, q = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
     index = retrieval.build(x[:2000], kind, metric=metric, **(dict(bits=2) if kind == "tq" else {}))
     scores, ids = retrieval.search(index, q[:50], k=2000)  # every vector
     stored = np.flatnonzero(index.ids >= 0)
@@ -183,10 +186,12 @@ def test_estimating_indexes_score_with_the_codebooks_estimates(data, metric, kin
     x_hat = np.asarray(vqlib.decode(index.codebook, codes), np.float64)
     estimate = np.asarray(vqlib.inner_product(index.codebook, codes, q[:50]), np.float64)
     np.testing.assert_allclose(estimate, q[:50] @ x_hat.T, rtol=1e-4, atol=1e-3)
-    if metric == "l2":  # |q - x|^2 = |q - c|^2 + |x - c|^2 - 2 <q - c, x - c>; |x - c| is stored exactly
+    if metric != "ip":  # |q - x|^2 = |q - c|^2 + |x - c|^2 - 2 <q - c, x - c>; |x - c| is stored exactly
         c = np.asarray(index.codebook.center, np.float64) if kind == "rabitq" else np.zeros(32)
         norms = np.linalg.norm(x[index.ids[stored]] - c, axis=1)
         estimate = ((q[:50] - c) ** 2).sum(1)[:, None] + norms[None] ** 2 - 2 * (q[:50] - c) @ (x_hat - c).T
+        if metric == "cos":  # unit vectors: cos = 1 - |q - x|^2 / 2, from the centred estimate
+            estimate = 1.0 - estimate / 2
     columns = np.empty(2000, np.int64)
     columns[index.ids[stored]] = np.arange(len(stored))
     np.testing.assert_allclose(scores, np.take_along_axis(estimate, columns[ids], 1), rtol=1e-4, atol=1e-2)

@@ -48,10 +48,12 @@ class Static(NamedTuple):
     metric: str  # "l2" or "ip" ("cos" is "ip" on unit vectors)
     nbits: int
     width: int  # codes per row (0 for raw rows)
+    unit: bool = False  # "cos": every stored and query vector has norm 1
 
 
 def _static(index: Index) -> Static:
-    return Static(index.kind, "l2" if index.metric == "l2" else "ip", index.nbits, code_width(index))
+    metric = "l2" if index.metric == "l2" else "ip"
+    return Static(index.kind, metric, index.nbits, code_width(index), index.metric == "cos")
 
 
 def _codes(data, s: Static):
@@ -166,12 +168,17 @@ def _score_block(parts: Parts, queries, block, lists, state, s: Static):
     if c == "rabitq":  # ||q - c||^2 + ||r||^2 - 2 <q - c, r>  or  <q, c> + <q, r>, <., r> estimated
         cb = parts.codebook
         codes = _codes(block, s)
-        y = queries - cb.center[None, :] if s.metric == "l2" else queries
+        centred = s.metric == "l2" or s.unit
+        y = queries - cb.center[None, :] if centred else queries
         est = _rabitq.residual_dots(cb, codes, y)
-        if s.metric == "ip":
+        if not centred:
             return -(est + jnp.matmul(queries, cb.center, precision=_HIGHEST)[:, None])
         norms = _rabitq.split(cb, codes)[1]
-        return jnp.sum(y * y, axis=1)[:, None] + (norms * norms)[None, :] - 2.0 * est
+        dist = jnp.sum(y * y, axis=1)[:, None] + (norms * norms)[None, :] - 2.0 * est
+        # unit vectors: -cos = ||q - x||^2 / 2 - 1, estimated from the centred query q - c, whose
+        # smaller norm gives a smaller error than estimating <q, r> (measured on GloVe: recall@10
+        # at 100 re-ranked candidates 0.70 against 0.65)
+        return dist if s.metric == "l2" else 0.5 * dist - 1.0
     if c == "tq":
         codes = _codes(block, s)
         est = _turboquant._inner(parts.codebook, codes, queries)
