@@ -90,16 +90,16 @@ def _adc_reference(index, x_hat_of, q, nprobe):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("opq", [False, True])
-def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq):
+@pytest.mark.parametrize("opq, nprobe", [(False, 4), (True, 4), (False, 16)])  # 16 = nlist: the full-scan path
+def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe):
     x, q = data
     index = retrieval.build(x, "ivfpq", metric=metric, nlist=16, m=8, opq=opq)
     # decode every stored row independently of the search code: centroid + PQ decode of the residual
     codes = vqlib.codebooks.unpack_codes(index.data, bits=8, m=8)
     lists = row_lists(index.offsets, index.data.shape[0])
     x_hat = np.asarray(index.centroids)[np.asarray(lists)] + np.asarray(vqlib.decode(index.codebook, codes))
-    nearest, row_list, row_ids, row_x = _adc_reference(index, x_hat, q, 4)
-    scores, got = retrieval.search(index, q, k=10, nprobe=4)
+    nearest, row_list, row_ids, row_x = _adc_reference(index, x_hat, q, nprobe)
+    scores, got = retrieval.search(index, q, k=10, nprobe=nprobe)
     for i in range(0, len(q), 25):
         members = np.isin(row_list, nearest[i])
         ref_scores, ref_rows = _brute(row_x[members], q[i : i + 1], metric, 11)
@@ -245,6 +245,15 @@ def test_fewer_live_vectors_in_the_probed_lists_than_k_gives_minus_one(data):
     scores, ids = retrieval.search(index, centre, k=len(members) + 5, nprobe=1)
     assert set(ids[0, : len(members)]) == set(members)
     assert (ids[0, len(members) :] == -1).all() and np.isinf(scores[0, len(members) :]).all()
+
+
+def test_k_equal_to_the_number_of_vectors_returns_them_all(data):
+    x, q = data
+    index = retrieval.delete(retrieval.build(x[:300], "ivfflat", nlist=4), np.arange(0, 300, 3))
+    scores, ids = retrieval.search(index, q[:3], k=200, nprobe=4)
+    for row in ids:
+        np.testing.assert_array_equal(np.sort(row), np.setdiff1d(np.arange(300), np.arange(0, 300, 3)))
+    assert np.all(np.diff(scores, axis=1) >= 0)
 
 
 def test_search_compiles_once_per_candidate_size(data):
