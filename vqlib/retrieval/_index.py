@@ -31,7 +31,7 @@ import numpy as np
 
 from vqlib import _checks
 from vqlib._fit import code_layout as vqlib_layout
-from vqlib._progress import progress
+from vqlib._progress import progress as progress_bar
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import _kmeans, _packing, _product, _rabitq, _turboquant
 from vqlib.kernels.assign import assign
@@ -187,7 +187,7 @@ def _encode_all(index_parts, x, *, kind: str, nbits: int, show: bool):
     centroids, codebook = index_parts
     lists, rows = [], []
     chunks = range(0, x.shape[0], _ENCODE_CHUNK)
-    for start in progress(chunks, total=len(chunks), desc="encoding", enabled=show):
+    for start in progress_bar(chunks, total=len(chunks), desc="encoding", enabled=show):
         part = x[start : start + _ENCODE_CHUNK]
         ls = _assign_lists(centroids, part) if centroids.shape[0] > 1 else jnp.zeros(part.shape[0], jnp.int32)
         lists.append(ls)
@@ -297,7 +297,7 @@ def build(
             coarse quantizer, as faiss; PQ then samples 256 points per centroid).
         max_iter: Lloyd iterations of the coarse k-means.
         key: PRNG key (training samples and seeds); default jax.random.key(0).
-        progress: draw a progress bar on stderr while encoding.
+        progress: report training time and draw a progress bar while encoding (stderr).
 
     Returns:
         The Index.
@@ -336,19 +336,9 @@ def build(
         train_size = 256 * nlist
     train_size = None if train_size is None else _checks.check_int(train_size, "train_size", low=1)
     key = jax.random.key(0) if key is None else key
-    centroids, codebook = _train(
-        key,
-        x,
-        kind,
-        metric,
-        nlist=nlist,
-        m=m,
-        nbits=nbits,
-        opq=opq,
-        bits=bits,
-        train_size=train_size,
-        max_iter=max_iter,
-    )
+    options = dict(nlist=nlist, m=m, nbits=nbits, opq=opq, bits=bits, train_size=train_size, max_iter=max_iter)
+    for _ in progress_bar(range(1), total=1, desc="training", enabled=progress):  # reports the time taken
+        centroids, codebook = _train(key, x, kind, metric, **options)
     if codec(kind) in ("tq", "rabitq"):
         nbits = vqlib_layout(codebook).bits
     empty = Index(
