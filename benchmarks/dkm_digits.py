@@ -41,6 +41,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import vqlib
+from vqlib.testing import process_memory
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BITS = (1, 2, 3)
@@ -177,13 +178,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     return table
 
 
-def _status_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux). Not getrusage's ru_maxrss,
-    which a child process inherits from its parent across fork and exec."""
-    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def memory_probe(mode: str, side: int):
     """In this (fresh) process: peak RSS of DKM's value and gradient on a side x side weight,
     k = 16, 3 iterations; `mode` "tiled" (vqlib) or "plain" (autodiff through the formulas)."""
@@ -199,7 +193,7 @@ def memory_probe(mode: str, side: int):
 
     w = jax.random.normal(jax.random.key(0), (side * side, 1)).block_until_ready()
     c = jnp.linspace(-2.0, 2.0, 16)[:, None]
-    rss = _status_bytes("VmRSS")
+    rss = process_memory("VmRSS")
     soft = (lambda w, c: vqlib.codebooks.dkm(w, c, tau=0.01, num_iters=3)[0]) if mode == "tiled" else plain
     step = jax.jit(jax.value_and_grad(lambda w, c: jnp.sum(soft(w, c) ** 2), argnums=(0, 1)))
     start = time.perf_counter()
@@ -207,7 +201,7 @@ def memory_probe(mode: str, side: int):
     first = time.perf_counter() - start
     start = time.perf_counter()
     jax.block_until_ready(step(w, c))
-    peak = _status_bytes("VmHWM")
+    peak = process_memory("VmHWM")
     result = {"mode": mode, "side": side, "k": 16, "num_iters": 3, "rss_before_gb": rss / 2**30}
     result |= {"peak_rss_gb": peak / 2**30, "seconds_first_call": first, "seconds": time.perf_counter() - start}
     print(json.dumps(result))

@@ -105,8 +105,7 @@ def test_peak_memory_2048_squared():
     script = """
         import jax, jax.numpy as jnp
         from vqlib.codebooks import dkm
-        def status(field):
-            return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1]) * 1024
+        from vqlib.testing import process_memory as status
         w = jax.random.normal(jax.random.key(0), (2048 * 2048, 1)).block_until_ready()
         c = jnp.linspace(-2.0, 2.0, 16)[:, None]
         before = status("VmRSS")

@@ -15,6 +15,15 @@ def mse(x, x_hat) -> float:
     return float(np.mean(np.sum((np.asarray(x, np.float64) - np.asarray(x_hat, np.float64)) ** 2, axis=1)))
 
 
+def process_memory(field: str = "VmHWM") -> int:
+    """Bytes of this process's resident memory from /proc/self/status (Linux): "VmRSS" now,
+    "VmHWM" its peak. Not getrusage's ru_maxrss, which a child inherits from its parent across
+    fork and exec (a test's subprocess would report the pytest worker's peak)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def timed(fn, *args, **kwargs):
     """(fn(*args, **kwargs), seconds), waiting for every array in the result to be computed."""
     start = time.perf_counter()
