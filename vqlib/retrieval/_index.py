@@ -368,6 +368,9 @@ def _row_width(kind: str, d: int, m, nbits: int, codebook) -> int:
 def add(index: Index, x, *, ids=None, progress: bool = False) -> Index:
     """Returns `index` with the vectors x added (the index passed in is unchanged).
 
+    Encoding costs O(len(x)); the rows are then laid out again, list by list, which copies the
+    whole index (O(n)): add in batches rather than one vector at a time.
+
     Args:
         index: an Index from `build`.
         x: (n, d) float vectors.
