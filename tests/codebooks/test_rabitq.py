@@ -69,7 +69,7 @@ def test_error_bound_holds_and_beats_the_plain_sign_sketch(key):
     assert 0.93 < np.mean(np.abs(z) <= 1.9) < 0.955
     qjl = vqlib.fit(x, "qjl", bits=1, norm_dtype="float32")
     qjl_err = np.asarray(vqlib.inner_product(qjl, vqlib.encode(qjl, x), q)) - exact
-    assert np.mean((est - exact) ** 2) < 0.6 * np.mean(qjl_err**2)  # measured ~0.35 when written
+    assert np.mean((est - exact) ** 2) < 0.6 * np.mean(qjl_err**2)  # measured 0.33 when written
 
 
 def test_bad_input():

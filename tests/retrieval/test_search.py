@@ -113,7 +113,7 @@ def test_ivfpq_with_reranking_reaches_recall_095(data):
     plain = _recall(retrieval.search(index, q, k=10, nprobe=8)[1], truth)
     scores, ids = retrieval.search(index, q, k=10, nprobe=8, rerank=100)
     reranked = _recall(ids, truth)
-    assert reranked >= 0.95 > plain  # measured 1.00 re-ranked, 0.66 plain when written
+    assert reranked >= 0.95 > plain  # measured 1.00 re-ranked, 0.82 plain when written
     # re-ranked scores are exact distances to the returned vectors
     exact = ((q[:, None, :].astype(np.float64) - x[ids].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-3)
@@ -138,7 +138,7 @@ def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data):
     assert np.all(np.abs(scores - got_adc) <= 16 * step[:, None] / 2 + 1e-3)
     truth = _brute(x, q, "l2", 10)[1]
     float_recall = _recall(retrieval.search(exact, q, k=10)[1], truth)
-    assert _recall(ids, truth) >= float_recall - 0.03  # measured 0.47 vs 0.48 when written
+    assert _recall(ids, truth) >= float_recall - 0.03  # measured 0.51 (fast-scan) vs 0.51 (float) when written
 
 
 def test_fast_scan_matches_faiss_fast_scan_on_the_same_codes(data):

@@ -154,7 +154,7 @@ def to_faiss(index: Index):
             out = faiss.IndexFlat(d, metric)
             wrapped = _with_ids(faiss, out, ids)
             out.add(data)
-            return _set_ids(wrapped, ids)
+            return _set_ids(faiss, wrapped, ids)
         out = faiss.IndexIVFFlat(_coarse(faiss, index), d, index.nlist, metric)
     else:
         m, k, _ = cb.centroids.shape
@@ -175,7 +175,7 @@ def to_faiss(index: Index):
             codes, out.ntotal = out, 0  # IndexIDMap2 wraps an empty index only
             wrapped = _with_ids(faiss, out, ids)
             codes.ntotal = len(keep)
-            return _with_opq(faiss, _set_ids(wrapped, ids), cb)
+            return _with_opq(faiss, _set_ids(faiss, wrapped, ids), cb)
     out.is_trained = True
     if isinstance(out, faiss.IndexIVFPQ):
         out.precompute_table()
@@ -211,12 +211,10 @@ def _with_ids(faiss, out, ids: np.ndarray):
     return wrapped
 
 
-def _set_ids(wrapped, ids: np.ndarray):
+def _set_ids(faiss, wrapped, ids: np.ndarray):
     """Fills the id map of a wrapper from `_with_ids` once its index holds the vectors."""
     if not hasattr(wrapped, "id_map"):
         return wrapped
-    import faiss
-
     faiss.copy_array_to_vector(ids.astype(np.int64), wrapped.id_map)
     wrapped.ntotal = len(ids)
     wrapped.construct_rev_map()

@@ -64,7 +64,8 @@ def _codes(data, s: Static):
 
 
 def _tables(parts: Parts, queries, probes, s: Static):
-    """ADC tables for each probed list: (tables (q, P, m, k), bias (q, P)), smaller is closer.
+    """ADC tables for each probed list: (tables (q, P, m, k), bias (q, P), scale (q,)); the score
+    of a row is sum of its table entries / scale + bias, smaller is closer.
 
     L2 codes the residual from the list's centroid, so the table is that of q - c; for the inner
     product the table is shared and <q, c> goes to the bias. Fast-scan rounds the tables to
@@ -327,26 +328,24 @@ def search(index: Index, queries, k: int = 10, *, nprobe: int = 1, rerank: int |
         return search_sharded(index, queries, k, nprobe=nprobe, rerank=rerank)
     queries, k, nprobe, rerank = check_search(index, queries, k, nprobe, rerank)
     parts = Parts(index.centroids, index.codebook, index.data, index.offsets, index.live)
-    dists, rows = approximate(
-        parts, queries, _static(index), k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe)
-    )
+    s = _static(index)
+    dists, rows = approximate(parts, queries, s, k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe))
     if rerank is not None:
-        dists, rows = rerank_exact(index.vectors, queries, rows, metric=_static(index).metric, k=k)
+        dists, rows = rerank_exact(index.vectors, queries, rows, metric=s.metric, k=k)
     return finish(index.metric, dists, rows, index.ids)
 
 
-def approximate(parts: Parts, queries, s: Static, *, k: int, nprobe: int, full: bool, budget: int | None = None):
+def approximate(parts: Parts, queries, s: Static, *, k: int, nprobe: int, full: bool, probes=None, budget=None):
     """Top-k rows of one index (or shard) by the codec's scores. Probed searches group the
     queries by how many blocks their lists hold, one compiled call per rounded size, unless a
-    `budget` (blocks per query) is given."""
+    `budget` (blocks per query) is given; `probes` (q, nprobe) saves the coarse search."""
     if full:
         return search_all(parts, queries, s=s, k=k)
-    probes = probe(parts.centroids, queries, nprobe=nprobe)
+    probes = probe(parts.centroids, queries, nprobe=nprobe) if probes is None else probes
     least = -(-k // BLOCK)
     if budget is not None:
         return search_probed(parts, queries, probes, s=s, k=k, budget=max(budget, least))
-    sizes = np.diff(np.asarray(parts.offsets)) // BLOCK
-    need = np.array([round_budget(max(int(t), least)) for t in sizes[np.asarray(probes)].sum(1)])
+    need = np.array([round_budget(max(int(t), least)) for t in probed_blocks(parts.offsets, probes)])
     dists = np.empty((queries.shape[0], k), np.float32)
     rows = np.empty((queries.shape[0], k), np.int32)
     for size in np.unique(need):
@@ -356,10 +355,11 @@ def approximate(parts: Parts, queries, s: Static, *, k: int, nprobe: int, full: 
     return jnp.asarray(dists), jnp.asarray(rows)
 
 
-def candidate_budget(offsets, probes) -> int:
-    """Blocks per query covering every query's probed lists (in every shard), rounded."""
+def probed_blocks(offsets, probes) -> np.ndarray:
+    """(q,) blocks each query's probed lists hold; offsets (nlist + 1,) or stacked per shard
+    (S, nlist + 1), then the largest over the shards."""
     sizes = np.diff(np.asarray(offsets), axis=-1).reshape(-1, np.shape(offsets)[-1] - 1) // BLOCK
-    return round_budget(int(sizes[:, np.asarray(probes)].sum(-1).max()))
+    return sizes[:, np.asarray(probes)].sum(-1).max(0)
 
 
 def finish(metric: str, dists, rows, ids: np.ndarray):

@@ -122,12 +122,14 @@ def _merge(dists, rows, k: int, axis: str):
     return -neg, jnp.take_along_axis(all_r, pick, axis=1)
 
 
-def _local(parts, vectors, queries, *, s, k, nprobe, full, budget, rerank, axis):
+def _local(parts, vectors, queries, probes, *, s, k, nprobe, full, budget, rerank, axis):
     """One device: search its shard, merge over the axis (re-rank on the merged candidates)."""
     parts = _search.Parts(parts.centroids, parts.codebook, parts.data[0], parts.offsets[0], parts.live[0])
     rows_per = parts.data.shape[0]
     base = lax.axis_index(axis) * rows_per
-    dists, rows = _search.approximate(parts, queries, s, k=rerank or k, nprobe=nprobe, full=full, budget=budget)
+    dists, rows = _search.approximate(
+        parts, queries, s, k=rerank or k, nprobe=nprobe, full=full, probes=probes, budget=budget
+    )
     dists, rows = _merge(dists, jnp.where(rows >= 0, rows + base, -1), rerank or k, axis)
     if rerank:
         mine = (rows >= base) & (rows < base + rows_per)
@@ -138,16 +140,16 @@ def _local(parts, vectors, queries, *, s, k, nprobe, full, budget, rerank, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("s", "k", "nprobe", "full", "budget", "rerank", "mesh", "axis"))
-def _search_sharded(parts, vectors, queries, *, mesh, axis, **options):
+def _search_sharded(parts, vectors, queries, probes, *, mesh, axis, **options):
     split, whole = PartitionSpec(axis), PartitionSpec()
     parts_spec = _search.Parts(whole, whole, split, split, split)
     return jax.shard_map(
         functools.partial(_local, axis=axis, **options),
         mesh=mesh,
-        in_specs=(parts_spec, split, whole),
+        in_specs=(parts_spec, split, whole, whole),
         out_specs=(whole, whole),
         check_vma=False,
-    )(parts, vectors, queries)
+    )(parts, vectors, queries, probes)
 
 
 def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank: int | None):
@@ -155,14 +157,15 @@ def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank:
     t = index.template
     queries, k, nprobe, rerank = _search.check_search(t, queries, k, nprobe, rerank, live=index.live_count)
     full = _search.full_scan(t, nprobe)
-    budget = None
-    if not full:
+    probes, budget = None, None
+    if not full:  # one coarse search for all devices; the largest shard's candidate count fixes the budget
         probes = _search.probe(t.centroids, queries, nprobe=nprobe)
-        budget = _search.candidate_budget(index.parts.offsets, probes)
+        budget = _search.round_budget(int(_search.probed_blocks(index.parts.offsets, probes).max()))
     dists, rows = _search_sharded(
         index.parts,
         index.vectors,
         queries,
+        probes,
         mesh=index.mesh,
         axis=index.axis,
         s=_search._static(t),
