@@ -32,6 +32,18 @@ def _quantized_mse(cb, x) -> float:
     return _mse(x, vqlib.decode(cb, vqlib.encode(cb, x)))
 
 
+def test_one_dimension_per_subspace_gives_codes_in_range():
+    """Regression (issue 15): with m == d, 30 of 128 codes were k (the minimum and its index came
+    from two differently rounded copies of the scores). Codes must equal the float64 brute force."""
+    rng = np.random.default_rng(0)
+    for d in (2, 4, 8):
+        x = rng.normal(size=(64, d)).astype(np.float32)
+        cb = vqlib.fit(x, "pq", m=d, k=4)
+        codes = np.asarray(vqlib.encode(cb, x))
+        assert codes.max() < 4
+        np.testing.assert_array_equal(codes, _encode_reference(cb.centroids, None, x))
+
+
 @pytest.mark.parametrize("method", ["pq", "opq"])
 def test_encode_decode_match_float64_reference(data, method):
     options = dict(m=8, k=32) | (dict(num_iters=3) if method == "opq" else {})

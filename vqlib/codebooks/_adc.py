@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from vqlib import _checks
-from vqlib.kernels.adc_topk.reference import scores as adc_scores
+from vqlib.kernels import adc_scores
 
 
 def adc_lookup(tables, codes, bias=None) -> jax.Array:

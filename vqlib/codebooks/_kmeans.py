@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass
 from vqlib.kernels import assign as assign_op
-from vqlib.kernels.assign import check_impl
+from vqlib.kernels import check_impl
 
 INITS = ("k-means++", "random")
 UPDATES = ("auto", "sort", "scatter")

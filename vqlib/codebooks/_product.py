@@ -23,6 +23,7 @@ from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass
 from vqlib.codebooks import _kmeans
 from vqlib.codebooks._hadamard import random_orthogonal
+from vqlib.kernels import first_argmin
 
 METRICS = ("l2", "ip")
 _HIGHEST = lax.Precision.HIGHEST
@@ -208,13 +209,11 @@ def _encode(centroids, x):
     n = x.shape[0]
     chunk = min(n, max(1, 2**22 // (m * k)))  # (m, chunk, k) scores: 16 MB
     norms = jnp.sum(centroids * centroids, axis=-1)[:, None, :]  # (m, 1, k)
-    index = jnp.arange(k, dtype=jnp.float32)[None, None, :]
 
     def codes_of(rows):  # (chunk, d) -> (chunk, m)
         xs = rows.astype(jnp.float32).reshape(chunk, m, dsub).transpose(1, 0, 2)
         scores = norms - 2.0 * jnp.einsum("mcd,mkd->mck", xs, centroids, precision=_HIGHEST)
-        best = jnp.min(scores, axis=-1, keepdims=True)
-        return jnp.min(jnp.where(scores == best, index, k), axis=-1).astype(jnp.int32).T
+        return first_argmin(scores, axis=-1)[1].T
 
     padded = jnp.pad(x, ((0, -n % chunk), (0, 0)))
     return lax.map(codes_of, padded.reshape(-1, chunk, x.shape[1])).reshape(-1, m)[:n]

@@ -1,7 +1,45 @@
-"""Kernels on arrays (never codebook objects), each beside a pure-jnp reference, one dispatcher per op."""
+"""Kernels on arrays (never codebook objects), each beside a pure-jnp reference, one dispatcher per op.
 
-from vqlib.kernels.adc_topk._dispatch import adc_topk as adc_topk
-from vqlib.kernels.assign._dispatch import assign as assign
-from vqlib.kernels.lut_matmul._dispatch import lut_matmul as lut_matmul
-from vqlib.kernels.lut_matmul._weight import LUTWeight as LUTWeight
-from vqlib.kernels.lut_matmul._weight import lut_weight as lut_weight
+Each op lives in a private folder (`_assign/`, `_adc_topk/`, `_lut_matmul/`) holding its
+dispatcher, its reference and one file per backend. The dispatchers and references are
+exported here; a backend's own module (its function with the `block=` tuning knobs and its
+`BlockSizes`) is reached with `backend(op, impl)`, imported on first use.
+"""
+
+from vqlib.kernels._adc_topk._dispatch import BACKENDS as _ADC_TOPK_BACKENDS
+from vqlib.kernels._adc_topk._dispatch import adc_topk as adc_topk
+from vqlib.kernels._adc_topk.reference import adc_topk_reference as adc_topk_reference
+from vqlib.kernels._adc_topk.reference import scores as adc_scores
+from vqlib.kernels._argmin import first_argmin as first_argmin
+from vqlib.kernels._assign._dispatch import BACKENDS as _ASSIGN_BACKENDS
+from vqlib.kernels._assign._dispatch import assign as assign
+from vqlib.kernels._assign._dispatch import check_impl as check_impl
+from vqlib.kernels._assign.reference import assign_reference as assign_reference
+from vqlib.kernels._dispatch import Impl as Impl
+from vqlib.kernels._lut_matmul._dispatch import BACKENDS as _LUT_MATMUL_BACKENDS
+from vqlib.kernels._lut_matmul._dispatch import lut_matmul as lut_matmul
+from vqlib.kernels._lut_matmul._weight import KINDS as LUT_KINDS
+from vqlib.kernels._lut_matmul._weight import LUTWeight as LUTWeight
+from vqlib.kernels._lut_matmul._weight import dequantize as dequantize
+from vqlib.kernels._lut_matmul._weight import lut_weight as lut_weight
+from vqlib.kernels._lut_matmul.reference import lut_matmul_reference as lut_matmul_reference
+
+BACKENDS = {"assign": _ASSIGN_BACKENDS, "adc_topk": _ADC_TOPK_BACKENDS, "lut_matmul": _LUT_MATMUL_BACKENDS}
+
+
+def backend(op: str, impl: str):
+    """The module of one backend of an op, e.g. `backend("assign", "pallas_gpu")`: its function
+    (same name as the op) takes the backend's tuning knobs as `block=BlockSizes(...)`.
+
+    Example:
+        >>> import vqlib
+        >>> vqlib.kernels.backend("assign", "xla").BlockSizes().block_n
+        4096
+    """
+    import importlib
+
+    if op not in BACKENDS:
+        raise ValueError(f"op must be one of {sorted(BACKENDS)}, got {op!r}")
+    if impl not in BACKENDS[op]:
+        raise ValueError(f"impl must be one of {sorted(BACKENDS[op])} for {op}, got {impl!r}")
+    return importlib.import_module(BACKENDS[op][impl].partition(":")[0])

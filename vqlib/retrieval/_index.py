@@ -34,7 +34,7 @@ from vqlib._fit import code_layout as vqlib_layout
 from vqlib._progress import progress as progress_bar
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import _kmeans, _packing, _product, _rabitq, _turboquant
-from vqlib.kernels.assign import assign
+from vqlib.kernels import assign
 
 KINDS = ("flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq", "rabitq")
 METRICS = ("l2", "ip", "cos")

@@ -10,10 +10,10 @@ from vqlib.kernels import _dispatch
 from vqlib.kernels._dispatch import Impl
 
 BACKENDS = {
-    "xla": "vqlib.kernels.adc_topk.xla:adc_topk",
-    "reference": "vqlib.kernels.adc_topk.reference:adc_topk_reference",
-    "pallas_gpu": "vqlib.kernels.adc_topk.pallas_gpu:adc_topk",
-    "pallas_tpu": "vqlib.kernels.adc_topk.pallas_tpu:adc_topk",
+    "xla": "vqlib.kernels._adc_topk.xla:adc_topk",
+    "reference": "vqlib.kernels._adc_topk.reference:adc_topk_reference",
+    "pallas_gpu": "vqlib.kernels._adc_topk.pallas_gpu:adc_topk",
+    "pallas_tpu": "vqlib.kernels._adc_topk.pallas_tpu:adc_topk",
 }
 
 

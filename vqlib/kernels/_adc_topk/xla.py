@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqlib.kernels.adc_topk._common import merge_candidates
-from vqlib.kernels.adc_topk.reference import scores
+from vqlib.kernels._adc_topk._common import merge_candidates
+from vqlib.kernels._adc_topk.reference import scores
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

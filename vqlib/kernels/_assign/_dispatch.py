@@ -10,10 +10,10 @@ from vqlib.kernels import _dispatch
 from vqlib.kernels._dispatch import Impl
 
 BACKENDS = {
-    "xla": "vqlib.kernels.assign.xla:assign",
-    "reference": "vqlib.kernels.assign.reference:assign_reference",
-    "pallas_gpu": "vqlib.kernels.assign.pallas_gpu:assign",
-    "pallas_tpu": "vqlib.kernels.assign.pallas_tpu:assign",
+    "xla": "vqlib.kernels._assign.xla:assign",
+    "reference": "vqlib.kernels._assign.reference:assign_reference",
+    "pallas_gpu": "vqlib.kernels._assign.pallas_gpu:assign",
+    "pallas_tpu": "vqlib.kernels._assign.pallas_tpu:assign",
 }
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vqlib.kernels._argmin import first_argmin
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
@@ -25,10 +27,21 @@ class BlockSizes:
 
 
 _FAR = float(jnp.finfo(jnp.float32).max)
+_THIN = 16  # below this many dimensions a dot may be rewritten as fused elementwise products
 
 
-def _tile_argmin(scores: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(bn, bk) scores -> per-row (min, lowest index attaining it + offset)."""
+def _tile_argmin(scores: jax.Array, offset, thin: bool) -> tuple[jax.Array, jax.Array]:
+    """(bn, bk) scores -> per-row (min, lowest index attaining it + offset).
+
+    For a real matrix product (d >= 16) the scores are materialised once and the minimum is
+    taken first, then the smallest column index whose score equals it: on XLA:CPU 1.6x faster
+    than a variadic argmin for 4,096 x 1,024 tiles (measured). For thin dots (`thin`), which XLA
+    rewrites into elementwise products fused into each reduction and may round differently in
+    each copy, `first_argmin`'s single reduction is the only safe form (see vqlib.kernels._argmin).
+    """
+    if thin:
+        best, first = first_argmin(scores, axis=1)
+        return best, first + offset
     best = jnp.min(scores, axis=1)
     columns = jnp.arange(scores.shape[1], dtype=jnp.float32)[None, :]
     first = jnp.min(jnp.where(scores == best[:, None], columns, jnp.float32(scores.shape[1])), axis=1)
@@ -78,7 +91,7 @@ def assign(x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes
         scores = jnp.dot(xb, c_tiles[j], precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
         if not fold:
             scores = c_norms[j][None, :] - 2.0 * scores
-        return _tile_argmin(scores, j * bk)
+        return _tile_argmin(scores, j * bk, thin=d < _THIN)
 
     def one_block(xb):
         xs = jnp.concatenate([xb, jnp.ones((xb.shape[0], 1), dtype)], axis=1) if fold else xb

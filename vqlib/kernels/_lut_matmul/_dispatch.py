@@ -7,12 +7,12 @@ import jax
 from vqlib import _checks
 from vqlib.kernels import _dispatch
 from vqlib.kernels._dispatch import Impl
-from vqlib.kernels.lut_matmul._weight import LUTWeight
+from vqlib.kernels._lut_matmul._weight import LUTWeight
 
 BACKENDS = {
-    "xla": "vqlib.kernels.lut_matmul.xla:lut_matmul",
-    "reference": "vqlib.kernels.lut_matmul.reference:lut_matmul_reference",
-    "pallas_gpu": "vqlib.kernels.lut_matmul.pallas_gpu:lut_matmul",
+    "xla": "vqlib.kernels._lut_matmul.xla:lut_matmul",
+    "reference": "vqlib.kernels._lut_matmul.reference:lut_matmul_reference",
+    "pallas_gpu": "vqlib.kernels._lut_matmul.pallas_gpu:lut_matmul",
 }
 
 

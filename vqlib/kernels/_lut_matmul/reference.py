@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqlib.kernels.lut_matmul._weight import LUTWeight, dequantize
+from vqlib.kernels._lut_matmul._weight import LUTWeight, dequantize
 
 
 @jax.jit
