@@ -1,0 +1,308 @@
+"""`vqlib.llm.compress(model, method, bits=...)`: post-training compression of every linear weight.
+
+Methods (one module each, same four entry points: check_options, check_shape, compress_weight,
+NEEDS_CALIBRATION; AQLM adds finetune_block):
+    "rtn"    per-group asymmetric round-to-nearest (`_rtn.py`), no calibration;
+    "gptvq"  GPTQ error feedback with 1/2/4-dim codebooks per column group (`_gptvq.py`);
+    "aqlm"   additive codebooks over groups of 8 weights, output-error objective (`_aqlm.py`);
+    "quip"   randomized Hadamard incoherence + E8P lattice codes + LDLQ (`_quip.py`).
+
+Calibrated methods run the model block by block (GPTQ's sequential order): the calibration
+windows go through the blocks already compressed; inside a block, q/k/v are compressed from
+the Hessian H = X^T X / N of their shared input, then o from the attention output the
+compressed q/k/v produce, then gate/up, then down. The token embedding (the head, when tied)
+is compressed last, from the Hessian of the final normed hidden states; an untied input
+embedding gets the identity (plain squared error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from vqlib import _checks
+from vqlib.llm._config import LlamaConfig
+from vqlib.llm._eval import as_tokens
+from vqlib.llm._model import LINEARS, Block, Model, Params, attention_context, mlp_hidden, rms_norm, rope_tables
+from vqlib.llm._weights import CompressedWeight, linear, stored_bits
+
+METHODS = {
+    "rtn": "vqlib.llm._rtn",
+    "gptvq": "vqlib.llm._gptvq",
+    "aqlm": "vqlib.llm._aqlm",
+    "quip": "vqlib.llm._quip",
+}
+
+
+def method_module(method: str):
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return importlib.import_module(METHODS[method])
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def weight_count(params: Params) -> int:
+    """Weights of the float model `params` stands for (every matrix and norm gain)."""
+    leaves = [params.embed, params.final_norm, *([] if params.lm_head is None else [params.lm_head])]
+    for blk in params.blocks:
+        leaves += [getattr(blk, f.name) for f in dataclasses.fields(blk)]
+    return sum(int(np.prod(w.shape)) for w in leaves)
+
+
+def bits_per_weight(model: Model) -> float:
+    """Stored bits of every parameter (codes, codebooks, scales, rotations, norms, float layers)
+    divided by the number of weights of the float model."""
+    return stored_bits(model.params) / weight_count(model.params)
+
+
+def model_bytes(model: Model) -> int:
+    """Bytes of the parameters as stored (the tokenizer and file header not included)."""
+    return stored_bits(model.params) // 8
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibration_windows(model: Model, calibration, *, num_sequences: int, seq_len: int, key) -> np.ndarray:
+    """(num_sequences, seq_len) int32 windows drawn without replacement from the non-overlapping
+    windows of the calibration tokens (all of them when there are fewer)."""
+    ids = as_tokens(model, calibration)
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ValueError(f"calibration has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
+    wins = ids[: count * seq_len].reshape(count, seq_len)
+    if count <= num_sequences:
+        return wins
+    pick = np.sort(np.asarray(jax.random.choice(key, count, (num_sequences,), replace=False)))
+    return wins[pick]
+
+
+@jax.jit
+def _gram(x):
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return jnp.dot(x.T, x, precision=lax.Precision.HIGHEST)
+
+
+def hessian(x: jax.Array, batch: int = 8) -> np.ndarray:
+    """H = X^T X / N (float64 numpy) of activations x (s, t, d), accumulated over batches of sequences."""
+    total = sum(np.asarray(_gram(x[i : i + batch]), np.float64) for i in range(0, x.shape[0], batch))
+    return total / (x.shape[0] * x.shape[1])
+
+
+def _batched(fn, *arrays, batch: int = 8):
+    """fn over leading-axis batches of `arrays`, concatenated (bounds the attention's memory)."""
+    outs = [fn(*(a[i : i + batch] for a in arrays)) for i in range(0, arrays[0].shape[0], batch)]
+    return jnp.concatenate(outs, axis=0)
+
+
+@jax.jit
+def _attn_context(blk: Block, config: LlamaConfig, a):
+    positions = jnp.arange(a.shape[1], dtype=jnp.int32)
+    cos, sin = rope_tables(config, positions)
+    return attention_context(blk, config, a, cos, sin, positions, None, 0)[0]
+
+
+@jax.jit
+def _linear(x, w):
+    return linear(x, w)
+
+
+@jax.jit
+def _mlp(blk: Block, m):
+    return mlp_hidden(blk, m)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def _norm(h, gain, eps: float):
+    return rms_norm(h, gain, eps)
+
+
+@jax.jit
+def block_outputs(blk: Block, config: LlamaConfig, h):
+    """The block applied to h (b, t, dim) as a whole sequence each (no cache)."""
+    from vqlib.llm._model import block_forward
+
+    positions = jnp.arange(h.shape[1], dtype=jnp.int32)
+    cos, sin = rope_tables(config, positions)
+    return block_forward(blk, config, h, cos, sin, positions)[0]
+
+
+# ----------------------------------------------------------------------------- the front door
+
+
+def _progress(desc: str, total: int, enabled: bool):
+    start = time.perf_counter()
+
+    def step(done: int, note: str = ""):
+        if not enabled:
+            return
+        filled = int(30 * done / total)
+        sys.stderr.write(
+            f"\r{desc} [{'#' * filled}{' ' * (30 - filled)}] {done}/{total} {time.perf_counter() - start:6.1f}s {note}"
+        )
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return step
+
+
+def _weights(params: Params):
+    """(name, weight) of every matrix compress() replaces."""
+    for i, blk in enumerate(params.blocks):
+        for name in LINEARS:
+            yield f"blocks.{i}.{name}", getattr(blk, name)
+    yield "embed", params.embed
+    if params.lm_head is not None:
+        yield "lm_head", params.lm_head
+
+
+def compress(
+    model: Model,
+    method: str,
+    *,
+    bits: int,
+    calibration=None,
+    key=None,
+    head_bits: int | None = None,
+    num_sequences: int = 64,
+    seq_len: int = 512,
+    progress: bool = False,
+    **options,
+) -> Model:
+    """Compresses every linear weight of `model` (and its embedding) with `method`.
+
+    Args:
+        model: a float Model (from `vqlib.llm.load`).
+        method: "rtn", "gptvq", "aqlm" or "quip" (module docstring).
+        bits: bits per weight of the codes (codebooks, scales and rotations come on top; see
+            `bits_per_weight`). rtn: 1-8; gptvq: 1-8 (codes of bits * vector_dim bits);
+            aqlm: 1-8 with 8-bit codebooks (num_codebooks = bits); quip: 2, 3 or 4.
+        calibration: text or token ids (not from the evaluation split); required by gptvq,
+            aqlm and quip.
+        key: PRNG key (default jax.random.key(0)).
+        head_bits: bits for the token embedding / output head (default `bits`).
+        num_sequences, seq_len: calibration windows (drawn from `calibration`).
+        progress: a progress bar per block on stderr.
+        **options: the method's options (see its module): rtn group_size; gptvq vector_dim,
+            group_cols, kmeans_iters, update_steps; aqlm num_codebooks, codebook_bits, ...;
+            quip rms_scale.
+
+    Returns:
+        A new Model whose matrices are `CompressedWeight`s; `model.describe()` gives the method,
+        options, bits per weight and the seconds compression took.
+
+    Raises:
+        ValueError: unknown method, bits the method cannot do, a layer whose shape the method
+            cannot take (named), missing calibration. Nothing is computed before these checks.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a vqlib.llm Model (from vqlib.llm.load), got {type(model).__name__}")
+    mod = method_module(method)
+    opts = mod.check_options(bits, dict(options))
+    head_opts = mod.check_options(bits if head_bits is None else head_bits, dict(options))
+    for name, w in _weights(model.params):
+        if isinstance(w, CompressedWeight) or not hasattr(w, "dtype"):
+            raise ValueError(f"{name} is already compressed; compress the float model")
+        mod.check_shape(name, w.shape, **(head_opts if name in ("embed", "lm_head") else opts))
+    if mod.NEEDS_CALIBRATION and calibration is None:
+        raise ValueError(
+            f"method {method!r} needs calibration data: pass calibration= text or token ids "
+            "(not from the evaluation split, e.g. WikiText-2 validation)"
+        )
+    num_sequences = _checks.check_int(num_sequences, "num_sequences", low=1)
+    seq_len = _checks.check_int(seq_len, "seq_len", low=2)
+    key = jax.random.key(0) if key is None else key
+    if mod.NEEDS_CALIBRATION:
+        data_key, key = jax.random.split(key)
+        wins = calibration_windows(model, calibration, num_sequences=num_sequences, seq_len=seq_len, key=data_key)
+        params = _sequential(model, mod, opts, head_opts, wins, key, progress, method)
+    else:
+        params = _independent(model, mod, opts, head_opts, key, progress, method)
+    params = jax.block_until_ready(params)
+    seconds = time.perf_counter() - start
+    compressed = Model(model.config, params, model.tokenizer, ())
+    record = dict(opts, head_bits=head_opts["bits"])
+    if mod.NEEDS_CALIBRATION:
+        record |= dict(num_sequences=len(wins), seq_len=seq_len)
+    info = (
+        *[(k, v) for k, v in model.info if k in ("source", "format", "name")],
+        ("method", method),
+        ("options", json.dumps(record, sort_keys=True)),
+        ("bits_per_weight", round(bits_per_weight(compressed), 4)),
+        ("seconds", round(seconds, 2)),
+    )
+    return dataclasses.replace(compressed, info=info)
+
+
+def _independent(model, mod, opts, head_opts, key, progress, method) -> Params:
+    params = model.params
+    step = _progress(f"compress {method}", len(params.blocks) + 1, progress)
+    blocks = []
+    for i, blk in enumerate(params.blocks):
+        new = {
+            name: mod.compress_weight(jax.random.fold_in(key, 16 * i + j), getattr(blk, name), None, **opts)
+            for j, name in enumerate(LINEARS)
+        }
+        blocks.append(dataclasses.replace(blk, **new))
+        step(i + 1)
+    head_key = jax.random.fold_in(key, 1 << 20)
+    embed = mod.compress_weight(head_key, params.embed, None, embedding=True, **head_opts)
+    lm_head = None
+    if params.lm_head is not None:
+        lm_head = mod.compress_weight(jax.random.fold_in(head_key, 1), params.lm_head, None, **head_opts)
+    step(len(params.blocks) + 1)
+    return Params(embed=embed, blocks=tuple(blocks), final_norm=params.final_norm, lm_head=lm_head)
+
+
+def _sequential(model, mod, opts, head_opts, wins, key, progress, method) -> Params:
+    params, config = model.params, model.config
+    step = _progress(f"compress {method}", len(params.blocks) + 1, progress)
+    h = jnp.take(params.embed, jnp.asarray(wins), axis=0)  # (s, t, dim): the float embedding
+    eps = config.norm_eps
+    blocks = []
+    for i, blk in enumerate(params.blocks):
+        keys = iter(jax.random.split(jax.random.fold_in(key, i), len(LINEARS)))
+        float_blk = blk
+
+        def comp(name, x_hessian):
+            return mod.compress_weight(next(keys), getattr(float_blk, name), x_hessian, **opts)
+
+        a = _norm(h, blk.attn_norm, eps)
+        hq = hessian(a)
+        blk = dataclasses.replace(blk, wq=comp("wq", hq), wk=comp("wk", hq), wv=comp("wv", hq))
+        ctx = _batched(lambda a_: _attn_context(blk, config, a_), a)
+        blk = dataclasses.replace(blk, wo=comp("wo", hessian(ctx)))
+        h2 = h + _batched(lambda c_: _linear(c_, blk.wo), ctx)
+        m = _norm(h2, blk.mlp_norm, eps)
+        hm = hessian(m)
+        blk = dataclasses.replace(blk, w_gate=comp("w_gate", hm), w_up=comp("w_up", hm))
+        g = _batched(lambda m_: _mlp(blk, m_), m)
+        blk = dataclasses.replace(blk, w_down=comp("w_down", hessian(g)))
+        if hasattr(mod, "finetune_block"):
+            blk = mod.finetune_block(jax.random.fold_in(key, 1 << 16 | i), blk, float_blk, config, h, **opts)
+        h = _batched(lambda h_: block_outputs(blk, config, h_), h)
+        blocks.append(blk)
+        step(i + 1)
+    hn = _norm(h, params.final_norm, eps)
+    head_key = jax.random.fold_in(key, 1 << 20)
+    if params.lm_head is None:
+        embed = mod.compress_weight(head_key, params.embed, hessian(hn), embedding=True, **head_opts)
+        lm_head = None
+    else:
+        embed = mod.compress_weight(head_key, params.embed, None, embedding=True, **head_opts)
+        lm_head = mod.compress_weight(jax.random.fold_in(head_key, 1), params.lm_head, hessian(hn), **head_opts)
+    step(len(params.blocks) + 1)
+    return Params(embed=embed, blocks=tuple(blocks), final_norm=params.final_norm, lm_head=lm_head)
