@@ -100,10 +100,9 @@ def hessian(x: jax.Array, batch: int = 8) -> np.ndarray:
     return total / (x.shape[0] * x.shape[1])
 
 
-def _batched(fn, *arrays, batch: int = 8):
-    """fn over leading-axis batches of `arrays`, concatenated (bounds the attention's memory)."""
-    outs = [fn(*(a[i : i + batch] for a in arrays)) for i in range(0, arrays[0].shape[0], batch)]
-    return jnp.concatenate(outs, axis=0)
+def _batched(fn, *args, x, batch: int = 8):
+    """fn(*args, chunk) over leading-axis chunks of x, concatenated (bounds the attention's memory)."""
+    return jnp.concatenate([fn(*args, x[i : i + batch]) for i in range(0, x.shape[0], batch)], axis=0)
 
 
 @jax.jit
@@ -114,7 +113,7 @@ def _attn_context(blk: Block, config: LlamaConfig, a):
 
 
 @jax.jit
-def _linear(x, w):
+def _linear(w, x):
     return linear(x, w)
 
 
@@ -267,36 +266,41 @@ def _independent(model, mod, opts, head_opts, key, progress, method) -> Params:
     return Params(embed=embed, blocks=tuple(blocks), final_norm=params.final_norm, lm_head=lm_head)
 
 
+def _compress_block(mod, opts, key, float_blk: Block, config: LlamaConfig, h) -> Block:
+    """One block, in GPTQ's order (q/k/v, o, gate/up, down), each from its input's Hessian."""
+    keys = iter(jax.random.split(key, len(LINEARS) + 1))
+    eps = config.norm_eps
+
+    def comp(name, x_hessian):
+        return mod.compress_weight(next(keys), getattr(float_blk, name), x_hessian, **opts)
+
+    a = _norm(h, float_blk.attn_norm, eps)
+    hq = hessian(a)
+    blk = dataclasses.replace(float_blk, wq=comp("wq", hq), wk=comp("wk", hq), wv=comp("wv", hq))
+    ctx = _batched(_attn_context, blk, config, x=a)
+    blk = dataclasses.replace(blk, wo=comp("wo", hessian(ctx)))
+    h2 = h + _batched(_linear, blk.wo, x=ctx)
+    m = _norm(h2, blk.mlp_norm, eps)
+    hm = hessian(m)
+    blk = dataclasses.replace(blk, w_gate=comp("w_gate", hm), w_up=comp("w_up", hm))
+    g = _batched(_mlp, blk, x=m)
+    blk = dataclasses.replace(blk, w_down=comp("w_down", hessian(g)))
+    if hasattr(mod, "finetune_block"):
+        blk = mod.finetune_block(next(keys), blk, float_blk, config, h, **opts)
+    return blk
+
+
 def _sequential(model, mod, opts, head_opts, wins, key, progress, method) -> Params:
     params, config = model.params, model.config
     step = _progress(f"compress {method}", len(params.blocks) + 1, progress)
     h = jnp.take(params.embed, jnp.asarray(wins), axis=0)  # (s, t, dim): the float embedding
-    eps = config.norm_eps
     blocks = []
     for i, blk in enumerate(params.blocks):
-        keys = iter(jax.random.split(jax.random.fold_in(key, i), len(LINEARS)))
-        float_blk = blk
-
-        def comp(name, x_hessian):
-            return mod.compress_weight(next(keys), getattr(float_blk, name), x_hessian, **opts)
-
-        a = _norm(h, blk.attn_norm, eps)
-        hq = hessian(a)
-        blk = dataclasses.replace(blk, wq=comp("wq", hq), wk=comp("wk", hq), wv=comp("wv", hq))
-        ctx = _batched(lambda a_: _attn_context(blk, config, a_), a)
-        blk = dataclasses.replace(blk, wo=comp("wo", hessian(ctx)))
-        h2 = h + _batched(lambda c_: _linear(c_, blk.wo), ctx)
-        m = _norm(h2, blk.mlp_norm, eps)
-        hm = hessian(m)
-        blk = dataclasses.replace(blk, w_gate=comp("w_gate", hm), w_up=comp("w_up", hm))
-        g = _batched(lambda m_: _mlp(blk, m_), m)
-        blk = dataclasses.replace(blk, w_down=comp("w_down", hessian(g)))
-        if hasattr(mod, "finetune_block"):
-            blk = mod.finetune_block(jax.random.fold_in(key, 1 << 16 | i), blk, float_blk, config, h, **opts)
-        h = _batched(lambda h_: block_outputs(blk, config, h_), h)
+        blk = _compress_block(mod, opts, jax.random.fold_in(key, i), blk, config, h)
+        h = _batched(block_outputs, blk, config, x=h)
         blocks.append(blk)
         step(i + 1)
-    hn = _norm(h, params.final_norm, eps)
+    hn = _norm(h, params.final_norm, config.norm_eps)
     head_key = jax.random.fold_in(key, 1 << 20)
     if params.lm_head is None:
         embed = mod.compress_weight(head_key, params.embed, hessian(hn), embedding=True, **head_opts)
