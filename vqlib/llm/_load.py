@@ -47,6 +47,11 @@ def _field(reader, name, default=None):
     return default if f is None else f.contents()
 
 
+def _float32(value) -> float:
+    """A float32 header value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
 def _gguf_tokenizer(reader, path):
     from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
@@ -101,8 +106,8 @@ def load_gguf(path: str) -> Model:
         num_kv_heads=kv_heads,
         head_dim=int(_field(reader, f"{arch}.attention.key_length", dim // heads)),
         hidden_dim=int(_field(reader, f"{arch}.feed_forward_length")),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
-        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_float32(_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
+        norm_eps=_float32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings="output.weight" not in tensors,
         max_position=int(_field(reader, f"{arch}.context_length", 2048)),
     )

@@ -44,12 +44,13 @@ PART_KINDS = ("affine", "scalar", "vq", "aq", "e8p", "e8")
 @functools.cache
 def _lattice_codebook(kind: str) -> np.ndarray:
     """E8P's (256, 8) absolute patterns, or E81B's (256, 8) points, read off vqlib's E8 decoders."""
-    if kind == "e8p":  # code (p << 8) | 1: pattern p, no negative signs, shift +1/4
-        cb = E8Codebook(jnp.ones((), jnp.float32), None, 8, 2, "e8p")
-        points = vqlib.decode(cb, (np.arange(256, dtype=np.int32) << 8 | 1)[:, None])
-        return np.abs(np.asarray(points) - 0.25).astype(np.float32)
-    cb = E8Codebook(jnp.ones((), jnp.float32), None, 8, 1, "e8")
-    return np.asarray(vqlib.decode(cb, np.arange(256, dtype=np.int32)[:, None]), np.float32)
+    with jax.ensure_compile_time_eval():  # constants, also when first needed while tracing
+        if kind == "e8p":  # code (p << 8) | 1: pattern p, no negative signs, shift +1/4
+            cb = E8Codebook(jnp.ones((), jnp.float32), None, 8, 2, "e8p")
+            points = vqlib.decode(cb, (np.arange(256, dtype=np.int32) << 8 | 1)[:, None])
+            return np.abs(np.asarray(points) - 0.25).astype(np.float32)
+        cb = E8Codebook(jnp.ones((), jnp.float32), None, 8, 1, "e8")
+        return np.asarray(vqlib.decode(cb, np.arange(256, dtype=np.int32)[:, None]), np.float32)
 
 
 @pytree_dataclass

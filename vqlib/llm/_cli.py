@@ -1,0 +1,134 @@
+"""`python -m vqlib compress MODEL --method aqlm --bits 2 -o model.vq` and `python -m vqlib ppl MODEL_OR_VQ`.
+
+MODEL is a GGUF file or a Hugging Face folder; a user mistake (missing file, unknown method,
+bits a method cannot do, bad option) prints one line on stderr and exits with status 2, before
+any long computation and without writing the output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    """Adds the `compress` and `ppl` commands to an argparse sub-parser set."""
+    c = sub.add_parser("compress", help="compress a Llama-family model (GGUF file or Hugging Face folder)")
+    c.add_argument("model", help="GGUF file or Hugging Face folder")
+    c.add_argument("--method", required=True, help="rtn, gptvq, aqlm or quip")
+    c.add_argument("--bits", type=int, required=True, help="bits per weight of the codes")
+    c.add_argument("-o", "--output", required=True, help=".vq file to write (atomically)")
+    c.add_argument("--calibration", default=None, help="calibration text file (default: WikiText-2 validation)")
+    c.add_argument("--head-bits", type=int, default=None, help="bits for the embedding / output head")
+    c.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="a method option, repeatable")
+    c.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("ppl", help="WikiText-2 perplexity of a model or a compressed .vq file")
+    p.add_argument("model", help="GGUF file, Hugging Face folder or .vq file")
+    p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--text", default=None, help="text file (default: WikiText-2 raw test)")
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"vqlib: error: {message}\n")
+    raise SystemExit(2)
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _options(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            _fail(f"--option takes NAME=VALUE, got {pair!r}")
+        out[name.replace("-", "_")] = _value(value)
+    return out
+
+
+def _text(path, default) -> str:
+    from vqlib.llm._eval import read_text, shared_file
+
+    if path is not None:
+        if not os.path.isfile(path):
+            _fail(f"{path}: no such file")
+        return read_text(path)
+    try:
+        return read_text(shared_file(default))
+    except FileNotFoundError as e:
+        _fail(str(e))
+
+
+def run(args: argparse.Namespace) -> None:
+    import jax
+
+    from vqlib.llm._compress import METHODS, bits_per_weight, compress, method_module
+    from vqlib.llm._eval import CALIBRATION, WIKITEXT2_TEST, perplexity
+    from vqlib.llm._load import load
+
+    if not os.path.exists(args.model):
+        _fail(f"{args.model}: no such file or folder")
+    if args.command == "compress":
+        if args.method not in METHODS:
+            _fail(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        options = _options(args.option)
+        mod = method_module(args.method)
+        try:  # the method's own checks, before loading anything
+            mod.check_options(args.bits, dict(options))
+            if args.head_bits is not None:
+                mod.check_options(args.head_bits, dict(options))
+        except (ValueError, TypeError) as e:
+            _fail(str(e))
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            _fail(f"{args.output}: the folder does not exist")
+        calibration = _text(args.calibration, CALIBRATION) if mod.NEEDS_CALIBRATION else None
+        try:
+            model = load(args.model)
+            compressed = compress(
+                model,
+                args.method,
+                bits=args.bits,
+                calibration=calibration,
+                key=jax.random.key(args.seed),
+                head_bits=args.head_bits,
+                progress=True,
+                **options,
+            )
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            _fail(str(e))
+        import vqlib
+
+        vqlib.save(args.output, compressed)
+        info = compressed.describe()
+        print(
+            f"{args.method} {args.bits}-bit: {bits_per_weight(compressed):.3f} bits per weight (all parameters), "
+            f"{os.path.getsize(args.output):,} bytes, compressed in {info['seconds']:.0f} s -> {args.output}"
+        )
+    else:
+        text = _text(args.text, WIKITEXT2_TEST)
+        try:
+            model = load(args.model)
+            start = time.perf_counter()
+            ppl = perplexity(model, text, ctx=args.ctx, max_windows=args.windows, progress=True)
+        except (ValueError, TypeError) as e:
+            _fail(str(e))
+        print(f"perplexity {ppl:.4f} ({time.perf_counter() - start:.0f} s)")
+
+
+def main(argv=None) -> None:
+    """Stand-alone entry (`python -m vqlib.llm._cli compress ...`), the same commands as `python -m vqlib`."""
+    parser = argparse.ArgumentParser(prog="vqlib")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
