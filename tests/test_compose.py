@@ -20,7 +20,7 @@ def test_residual_chain_codes_the_residual_of_each_stage(data):
     cb = q.fit(jax.random.key(0), data)
     coarse, fine = cb.stages
     codes = np.asarray(vqlib.encode(cb, data))
-    assert codes.shape == (3000, 5) and cb.widths == (None, 4)
+    assert codes.shape == (3000, 5) and cb.widths == (1, 4)
     np.testing.assert_array_equal(codes[:, 0], vqlib.encode(coarse, data))
     residual = np.asarray(data, np.float64) - np.asarray(coarse.centroids, np.float64)[codes[:, 0]]
     np.testing.assert_array_equal(codes[:, 1:], vqlib.encode(fine, residual.astype(np.float32)))
@@ -56,9 +56,9 @@ def test_dim_weighted_encoder_minimises_the_weighted_error(data):
 def _codebooks(data):
     return {
         "pq": vqlib.fit(data, "pq", m=4, k=16),
-        "opq": vqlib.fit(data, "opq", m=4, k=16, num_iters=1, max_iter_first=2),
+        "opq": vqlib.fit(data, "opq", m=4, k=16, max_iter=1, kmeans_iter_first=2),
         "rvq": vqlib.fit(data, "rvq", m=2, k=16, beam=3, max_iter=2),
-        "aq": vqlib.fit(data, "aq", m=2, k=16, beam=3, sweeps=1, num_rounds=1, max_iter=2),
+        "aq": vqlib.fit(data, "aq", m=2, k=16, beam=3, icm_iter=1, max_iter=1, kmeans_iter=2),
         "chain": vqlib.residual(vqlib.quantizer("kmeans", k=8), vqlib.quantizer("rvq", m=2, k=8)).fit(
             jax.random.key(0), data
         ),

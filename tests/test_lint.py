@@ -15,3 +15,13 @@ def test_ruff_check_passes():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
     out = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_imports_flow_one_way_with_no_cycles():
+    """import-linter's contracts in pyproject.toml: wings -> codebooks -> kernels -> base, no
+    cycles among sibling modules, private modules imported by their own package only."""
+    linter = shutil.which("lint-imports")
+    if linter is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    out = subprocess.run([linter, "--no-cache"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr

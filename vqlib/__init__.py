@@ -5,20 +5,23 @@ from vqlib import kernels as kernels
 from vqlib import nn as nn
 from vqlib import retrieval as retrieval
 from vqlib import testing as testing
-from vqlib._compose import DimWeighted as DimWeighted
-from vqlib._compose import ResidualChain as ResidualChain
-from vqlib._compose import dim_weighted as dim_weighted
-from vqlib._compose import quantizer as quantizer
-from vqlib._compose import residual as residual
-from vqlib._fit import METHODS as METHODS
-from vqlib._fit import adc_tables as adc_tables
-from vqlib._fit import assign as assign
-from vqlib._fit import code_layout as code_layout
-from vqlib._fit import decode as decode
-from vqlib._fit import encode as encode
-from vqlib._fit import fit as fit
 from vqlib._io import load as load
 from vqlib._io import save as save
-from vqlib.codebooks._turboquant import inner_product as inner_product
+from vqlib._types import Metric as Metric
+from vqlib.codebooks import DimWeighted as DimWeighted
+from vqlib.codebooks import Quantizer as Quantizer
+from vqlib.codebooks import ResidualChain as ResidualChain
+from vqlib.codebooks import adc_tables as adc_tables
+from vqlib.codebooks import code_layout as code_layout
+from vqlib.codebooks import decode as decode
+from vqlib.codebooks import dim_weighted as dim_weighted
+from vqlib.codebooks import encode as encode
+from vqlib.codebooks import fit as fit
+from vqlib.codebooks import inner_product as inner_product
+from vqlib.codebooks import methods as methods
+from vqlib.codebooks import quantizer as quantizer
+from vqlib.codebooks import register as register
+from vqlib.codebooks import residual as residual
+from vqlib.kernels import assign as assign
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

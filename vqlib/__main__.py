@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 import vqlib
-from vqlib.retrieval import _cli as retrieval_cli
+from vqlib.retrieval import cli as retrieval_cli
 from vqlib.testing import clustered, mse, timed
 
 

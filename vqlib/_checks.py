@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqlib._types import METRICS
+
 
 def is_concrete(x) -> bool:
     """True when `x` holds values we can inspect on the host (not a tracer)."""
@@ -144,3 +146,24 @@ def check_codes(codes, num_codes: int, name: str = "codes", *, width: int | None
         if lo < 0 or hi >= num_codes:
             raise ValueError(f"{name} must lie in [0, {num_codes}) for this codebook, got values in [{lo}, {hi}]")
     return jnp.asarray(codes).astype(jnp.int32)
+
+
+def check_metric(metric, allowed: tuple[str, ...] = METRICS) -> str:
+    """Returns `metric` after checking it is one of `allowed` (a subset of "l2", "ip", "cos")."""
+    if metric not in allowed:
+        raise ValueError(f"metric must be one of {allowed}, got {metric!r}")
+    return metric
+
+
+def check_tau(tau, name: str = "tau"):
+    """A concrete tau must be a finite number > 0; a traced one (a schedule under jit) a scalar."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real | jax.Array | np.ndarray | np.generic):
+        raise TypeError(f"{name} must be a positive number (the softmax temperature), got {type(tau).__name__}")
+    if np.ndim(tau) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(tau)}; pass one temperature per call")
+    if is_concrete(tau) and not (np.isfinite(float(tau)) and float(tau) > 0):
+        raise ValueError(
+            f"{name} must be a finite number > 0, got {float(tau)!r}; for hard k-means assignments "
+            "use a small positive tau (e.g. 1e-6 times the variance of w) or vqlib.assign"
+        )
+    return tau

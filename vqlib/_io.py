@@ -25,7 +25,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from vqlib._types import REGISTERED_TYPES
+from vqlib._types import REGISTERED_TYPES, VALIDATORS
 
 FORMAT = "vqlib"
 FORMAT_VERSION = 1
@@ -224,4 +224,10 @@ def load(path: str | os.PathLike, *, expect: type | None = None):
         raise ValueError(f"{path}: the header says {metadata.get('type')} but the tree holds {_type_name(obj)}")
     if expect is not None and type(obj) is not expect:
         raise ValueError(f"{path} holds a {_type_name(obj)}, not the expected vqlib.{expect.__qualname__}")
+    validator = VALIDATORS.get(type(obj))
+    if validator is not None:  # the object's own invariants: a checksum does not vouch for them
+        try:
+            validator(obj)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"{path} holds an invalid {_type_name(obj)}: {e}") from None
     return obj

@@ -1,15 +1,22 @@
-"""Shared types: the `pytree_dataclass` decorator every codebook, stats and index type uses."""
+"""Shared types: the `pytree_dataclass` decorator every codebook, stats and index type uses, the
+code layout, the metric vocabulary, and the registries the save format reads."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 
 # Name -> class for every type that `vqlib.save` can write; filled by `pytree_dataclass`.
 REGISTERED_TYPES: dict[str, type] = {}
+# Class -> invariant check run by `vqlib.load` on every object of that class it rebuilds
+# (filled by the layers that own the types: codebooks, indexes, models).
+VALIDATORS: dict[type, Callable] = {}
+
+Metric = Literal["l2", "ip", "cos"]
+METRICS: tuple[str, ...] = ("l2", "ip", "cos")
 
 
 def static_field(default=dataclasses.MISSING):
@@ -42,19 +49,3 @@ class CodeLayout(NamedTuple):
     @property
     def bits_per_vector(self) -> int:
         return self.num_codebooks * self.bits + self.side_bits
-
-
-class Quantizer(NamedTuple):
-    """A quantization method as pure functions (cf. optax.GradientTransformation).
-
-    fit(key, x, **options) -> codebook; encode(codebook, x) -> int32 codes;
-    decode(codebook, codes) -> vectors; layout(codebook) -> CodeLayout;
-    tables(codebook, queries, metric=) -> (q, m, k) ADC lookup tables, or None when the
-    codes do not support table lookups.
-    """
-
-    fit: Callable[..., Any]
-    encode: Callable[[Any, jax.Array], jax.Array]
-    decode: Callable[[Any, jax.Array], jax.Array]
-    layout: Callable[[Any], CodeLayout]
-    tables: Callable[..., jax.Array] | None = None

@@ -63,7 +63,7 @@ def test_mse_never_increases_with_stages_beam_sweeps_and_rounds(data):
     by_beam = [_errors(cb.__class__(cb.codebooks, beam=b), data).mean() for b in (1, 2, 4, 16)]
     assert all(a >= b - 1e-6 for a, b in zip(by_beam, by_beam[1:], strict=False)), by_beam
     # ICM sweeps never raise any single vector's error
-    errs = [_errors(cb.__class__(cb.codebooks, beam=2, sweeps=s), data) for s in (0, 1, 3)]
+    errs = [_errors(cb.__class__(cb.codebooks, beam=2, icm_iter=s), data) for s in (0, 1, 3)]
     assert all(np.all(a >= b - 1e-4) for a, b in zip(errs, errs[1:], strict=False))
     by_rounds = [_mse(data, vqlib.decode(aq, vqlib.encode(aq, data))) for aq in _aq_by_rounds(data, (0, 4, 16))]
     assert all(a >= b for a, b in zip(by_rounds, by_rounds[1:], strict=False)), by_rounds
@@ -74,7 +74,7 @@ def _prefixes(cb):
 
 
 def _aq_by_rounds(x, rounds):
-    return [vqlib.fit(x, "aq", m=3, k=16, beam=4, num_rounds=r) for r in rounds]
+    return [vqlib.fit(x, "aq", m=3, k=16, beam=4, max_iter=r) for r in rounds]
 
 
 def test_least_squares_matches_float64_normal_equations(key):
@@ -93,7 +93,7 @@ def test_least_squares_matches_float64_normal_equations(key):
 
 @pytest.mark.parametrize("method", ["rvq", "aq"])
 def test_adc_tables_equal_distances_to_decoded(data, method):
-    cb = vqlib.fit(data[:2000], method, m=3, k=16, **(dict(num_rounds=1) if method == "aq" else {}))
+    cb = vqlib.fit(data[:2000], method, m=3, k=16, **(dict(max_iter=1) if method == "aq" else {}))
     codes = vqlib.encode(cb, data[:300])
     q = np.asarray(data[-5:], np.float64)
     x_hat = np.asarray(vqlib.decode(cb, codes), np.float64)
@@ -124,7 +124,7 @@ def test_aq_mse_at_or_below_faiss_lsq(data):
     lsq = faiss.LocalSearchQuantizer(32, 4, 6)
     lsq.train(data)
     faiss_mse = _mse(data, lsq.decode(lsq.compute_codes(data)))
-    cb = vqlib.fit(data, "aq", m=4, k=64, beam=8, num_rounds=10)
+    cb = vqlib.fit(data, "aq", m=4, k=64, beam=8, max_iter=10)
     ours = _mse(data, vqlib.decode(cb, vqlib.encode(cb, data)))
     assert ours <= faiss_mse, (ours, faiss_mse)
 
@@ -155,7 +155,7 @@ def test_aq_le_rvq_le_pq_at_equal_bits(data):
         for cb in (
             vqlib.fit(data, "pq", m=4, k=64),
             vqlib.fit(data, "rvq", m=4, k=64, beam=4),
-            vqlib.fit(data, "aq", m=4, k=64, beam=4, num_rounds=3),
+            vqlib.fit(data, "aq", m=4, k=64, beam=4, max_iter=3),
         )
     ]
     assert mses[2] <= mses[1] <= mses[0], mses
@@ -165,8 +165,8 @@ def test_weighted_fit_follows_the_weights(data):
     """Up-weighting half of the data lowers that half's error (and raises the other's)."""
     heavy = np.arange(5000) < 2500
     w = np.where(heavy, 10.0, 0.1).astype(np.float32)
-    plain = _errors(vqlib.fit(data, "aq", m=2, k=16, num_rounds=2), data)
-    weighted = _errors(vqlib.fit(data, "aq", m=2, k=16, num_rounds=2, sample_weight=w), data)
+    plain = _errors(vqlib.fit(data, "aq", m=2, k=16, max_iter=2), data)
+    weighted = _errors(vqlib.fit(data, "aq", m=2, k=16, max_iter=2, sample_weight=w), data)
     assert weighted[heavy].mean() < plain[heavy].mean()
     assert weighted[~heavy].mean() > plain[~heavy].mean()
 

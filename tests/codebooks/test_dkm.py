@@ -16,7 +16,7 @@ from sklearn.cluster import KMeans
 from vqlib.codebooks import dkm
 
 
-def dkm_reference(w, c, tau, num_iters):
+def dkm_reference(w, c, tau, max_iter):
     """DKM written plainly in float64 numpy: exact squared distances, the whole (n, k) attention."""
     w, c = np.asarray(w, np.float64), np.asarray(c, np.float64)
 
@@ -25,7 +25,7 @@ def dkm_reference(w, c, tau, num_iters):
         e = np.exp(logits - logits.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
-    for _ in range(num_iters):
+    for _ in range(max_iter):
         a = attention(c)
         c = a.T @ w / a.sum(0)[:, None]
     return attention(c) @ c, c
@@ -41,14 +41,14 @@ def _weights(key, n, d, k):
 
 
 @pytest.mark.parametrize(
-    "n,d,k,block_n,num_iters",
+    "n,d,k,block_n,max_iter",
     [(1, 1, 1, None, 0), (37, 1, 4, 8, 3), (100, 3, 7, 32, 2), (129, 1, 16, None, 5)],
 )
-def test_matches_float64_reference(n, d, k, block_n, num_iters, key):
+def test_matches_float64_reference(n, d, k, block_n, max_iter, key):
     w, c0 = _weights(key, n, d, k)
     tau = max(0.5 * float(np.var(w)), 0.1)
-    w_soft, c = dkm(w, c0, tau=tau, num_iters=num_iters, block_n=block_n)
-    ref_soft, ref_c = dkm_reference(w, c0, tau, num_iters)
+    w_soft, c = dkm(w, c0, tau=tau, max_iter=max_iter, block_n=block_n)
+    ref_soft, ref_c = dkm_reference(w, c0, tau, max_iter)
     assert w_soft.shape == (n, d) and c.shape == (k, d)
     scale = np.abs(w).max()
     np.testing.assert_allclose(c, ref_c, atol=2e-5 * scale, rtol=0)
@@ -63,22 +63,22 @@ def test_gradients_match_finite_differences(key):
         tau = 0.3 * float(jnp.var(w))
 
         def soft_and_centroids(w, c):
-            return dkm(w, c, tau=tau, num_iters=2, block_n=3)
+            return dkm(w, c, tau=tau, max_iter=2, block_n=3)
 
         check_grads(soft_and_centroids, (w, c0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("d", [1, 2])
 def test_small_tau_is_hard_kmeans(d, key):
-    """At tau -> 0 the attention is the nearest-centroid one-hot: num_iters DKM updates are
+    """At tau -> 0 the attention is the nearest-centroid one-hot: max_iter DKM updates are
     scikit-learn's Lloyd iterations from the same start, and w_soft is the hard reconstruction."""
     w, c0 = _weights(key, 600, d, 6)
-    num_iters = 4
-    sk = KMeans(6, init=c0.astype(np.float64), n_init=1, max_iter=num_iters, tol=0.0, algorithm="lloyd")
+    max_iter = 4
+    sk = KMeans(6, init=c0.astype(np.float64), n_init=1, max_iter=max_iter, tol=0.0, algorithm="lloyd")
     sk.fit(w.astype(np.float64))
     assert np.bincount(sk.labels_, minlength=6).min() > 0  # no empty cluster (the two differ there)
-    w_soft, c = dkm(w, c0, tau=1e-6 * float(np.var(w)), num_iters=num_iters)
-    if sk.n_iter_ == num_iters:  # else sklearn stopped at a fixed point, which DKM keeps
+    w_soft, c = dkm(w, c0, tau=1e-6 * float(np.var(w)), max_iter=max_iter)
+    if sk.n_iter_ == max_iter:  # else sklearn stopped at a fixed point, which DKM keeps
         np.testing.assert_allclose(c, sk.cluster_centers_, rtol=0, atol=1e-5)
     np.testing.assert_allclose(w_soft, sk.cluster_centers_[sk.labels_], rtol=0, atol=1e-5)
 
@@ -98,7 +98,7 @@ def test_vmap_and_traced_tau(key):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS (VmHWM) from /proc")
 def test_peak_memory_2048_squared():
     """Value and gradient of DKM on a 2048 x 2048 weight (k = 16, 3 iterations) in a fresh process.
-    Autodiff through the plain formulas keeps (num_iters + 1) (n, k) attention maps and their
+    Autodiff through the plain formulas keeps (max_iter + 1) (n, k) attention maps and their
     logits: measured 2.5 GB of growth here. Tiled with recomputation: about 0.17 GB (in 2 s on 2
     cores). Peak RSS is VmHWM: getrusage's ru_maxrss would include the pytest process's, inherited
     across fork and exec."""
@@ -109,7 +109,7 @@ def test_peak_memory_2048_squared():
         w = jax.random.normal(jax.random.key(0), (2048 * 2048, 1)).block_until_ready()
         c = jnp.linspace(-2.0, 2.0, 16)[:, None]
         before = status("VmRSS")
-        loss = lambda w, c: jnp.sum(dkm(w, c, tau=0.01, num_iters=3)[0] ** 2)
+        loss = lambda w, c: jnp.sum(dkm(w, c, tau=0.01, max_iter=3)[0] ** 2)
         value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w, c)
         assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grads[0])))
         print((status("VmHWM") - before) / 2**30)
@@ -157,7 +157,7 @@ def test_shapes_dtypes_and_values(w):
         dkm(w.astype(np.int32), w[:3], tau=0.1)
     with pytest.raises(ValueError, match=r"^w contains 1 NaN or inf values"):
         dkm(np.where(np.arange(12)[:, None] == 5, np.nan, w), w[:3], tau=0.1)
-    with pytest.raises(ValueError, match=r"^num_iters must be >= 0, got -1"):
-        dkm(w, w[:3], tau=0.1, num_iters=-1)
+    with pytest.raises(ValueError, match=r"^max_iter must be >= 0, got -1"):
+        dkm(w, w[:3], tau=0.1, max_iter=-1)
     with pytest.raises(ValueError, match=r"^block_n must be >= 1, got 0"):
         dkm(w, w[:3], tau=0.1, block_n=0)

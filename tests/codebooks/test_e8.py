@@ -193,7 +193,7 @@ def test_bits_out_of_range(method, bits):
 
 @pytest.mark.parametrize("method", ["e8", "e8p"])
 def test_d_not_a_multiple_of_8_says_how_to_pad(method):
-    with pytest.raises(ValueError, match=r"d=12 is not divisible by the E8 block size=8; pad the vectors .* to 16"):
+    with pytest.raises(ValueError, match=r"d=12, not a multiple of the E8 block of 8 .* zero columns to d=16"):
         vqlib.fit(np.zeros((4, 12), np.float32), method)
 
 

@@ -135,7 +135,7 @@ def _estimates(method, bits, x, y, keys, **options):
     """<y, x~> over independent codebooks (one per key), and each trial's r and gamma-free residual."""
 
     def one(k):
-        cb = vqlib.METHODS[method][1].fit(k, x[None], bits=bits, **options)
+        cb = vqlib.quantizer(method, bits=bits, **options).fit(k, x[None])
         codes = vqlib.encode(cb, x[None])
         residual = x if method == "qjl" else x - vqlib.decode(cb.mse, vqlib.encode(cb.mse, x[None]))[0]
         return vqlib.inner_product(cb, codes, y[None])[0, 0], residual
@@ -276,7 +276,7 @@ def test_other_bad_input(key):
         vqlib.encode(cb, np.where(np.arange(32).reshape(4, 8) == 3, np.nan, x))
     with pytest.raises(ValueError, match="x has dimension 9"):
         vqlib.encode(cb, np.ones((2, 9), np.float32))
-    with pytest.raises(ValueError, match=r"codes must have shape \(n, 16\)"):
+    with pytest.raises(ValueError, match=r"codes must have shape \(\.\.\., 16\)"):
         vqlib.decode(cb, np.zeros((2, 8), np.int32))
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
         vqlib.decode(cb, np.full((2, 16), 4, np.int32))

@@ -7,8 +7,7 @@ import pytest
 from kernel_impls import IMPLS, impl_kwargs
 
 from vqlib.codebooks._e8 import _decode_e8p, _e8p_patterns
-from vqlib.kernels import lut_matmul, lut_weight
-from vqlib.kernels import dequantize
+from vqlib.kernels import dequantize, lut_matmul, lut_weight
 
 OUT, IN = 48, 128
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}

@@ -33,12 +33,12 @@ def _data(key, n=64):
 def test_dkm_layer_is_dkm_with_relative_tau_warm_start_and_schedule(key):
     w = jax.random.normal(key, (300, 1)) * 0.05
     start = jnp.quantile(w, jnp.array([0.1, 0.4, 0.6, 0.9]))[:, None]
-    layer = vqlib.nn.DKM(start, tau=lambda step: 0.1 * 0.5**step, num_iters=2)
+    layer = vqlib.nn.DKM(start, tau=lambda step: 0.1 * 0.5**step, max_iter=2)
     var = float(jnp.var(w))
-    soft, c1 = dkm(w, start, tau=0.1 * var, num_iters=2)
+    soft, c1 = dkm(w, start, tau=0.1 * var, max_iter=2)
     np.testing.assert_allclose(layer(w), soft, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(layer.centroids.get_value(), c1, rtol=1e-6)  # warm start for the next call
-    soft, c2 = dkm(w, c1, tau=0.05 * var, num_iters=2)  # step 1 of the schedule
+    soft, c2 = dkm(w, c1, tau=0.05 * var, max_iter=2)  # step 1 of the schedule
     np.testing.assert_allclose(layer(w), soft, rtol=1e-6, atol=1e-8)
     assert int(layer.step.get_value()) == 2
     layer.eval()
@@ -50,9 +50,9 @@ def test_dkm_layer_is_dkm_with_relative_tau_warm_start_and_schedule(key):
 def test_trained_centroids_get_the_gradient_through_the_iterations(key):
     w = jax.random.normal(key, (300, 1))
     start = jnp.array([[-1.0], [0.0], [0.5], [1.0]])
-    layer = vqlib.nn.DKM(start, tau=0.1, num_iters=3, train_centroids=True)
+    layer = vqlib.nn.DKM(start, tau=0.1, max_iter=3, train_centroids=True)
     grads = nnx.grad(lambda layer: jnp.sum(jnp.sin(layer(w))))(layer)
-    expected = jax.grad(lambda c: jnp.sum(jnp.sin(dkm(w, c, tau=0.1 * jnp.var(w), num_iters=3)[0])))(start)
+    expected = jax.grad(lambda c: jnp.sum(jnp.sin(dkm(w, c, tau=0.1 * jnp.var(w), max_iter=3)[0])))(start)
     np.testing.assert_allclose(grads["centroids"].get_value(), expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(layer.centroids.get_value(), start)  # moved by the optimizer only
 
@@ -101,7 +101,7 @@ def test_palettizer_writes_batch_statistics_back(key):
     layers = dict(zip(pal.names, pal.layers, strict=True))
     for layer, name in ((twin.fc1, "fc1/kernel"), (twin.fc2, "fc2/kernel")):
         w = layer.kernel.get_value()
-        soft, _ = dkm(w.reshape(-1, 1), layers[name].centroids.get_value(), tau=0.05 * jnp.var(w), num_iters=3)
+        soft, _ = dkm(w.reshape(-1, 1), layers[name].centroids.get_value(), tau=0.05 * jnp.var(w), max_iter=3)
         layer.kernel.set_value(soft.reshape(w.shape))
     pal(x)
     twin(x)

@@ -10,7 +10,7 @@ from flax import nnx
 from sklearn.cluster import KMeans, kmeans_plusplus
 
 import vqlib
-from vqlib.codebooks import ema_init, ema_update, restart_dead_codes, vector_quantize
+from vqlib.nn import ema_init, ema_update, restart_dead_codes, vector_quantize
 
 
 def _problem(key, n=60, d=3, k=7):

@@ -53,7 +53,7 @@ def ivfpq(x):
         (lambda i, x: retrieval.build(x, "flat", metric="cosine"), ValueError, "metric must be one of"),
         (lambda i, x: retrieval.build(x[:0], "flat"), ValueError, "empty"),
         (lambda i, x: retrieval.build(np.zeros_like(x[:10]), "flat", metric="cos"), ValueError, "zero vectors"),
-        (lambda i, x: retrieval.build(x, "tq", bits=5), ValueError, "bits"),
+        (lambda i, x: retrieval.build(x, "tq", bits=7), ValueError, "bits"),
         (
             lambda i, x: retrieval.search(retrieval.build(x, "pq", m=4), x[:2], k=5, rerank=10),
             ValueError,

@@ -6,7 +6,7 @@ import pytest
 
 import vqlib
 from vqlib import retrieval
-from vqlib.retrieval._index import row_lists
+from vqlib.retrieval._lists import row_lists
 from vqlib.testing import clustered
 
 
@@ -93,7 +93,7 @@ def _adc_reference(index, x_hat_of, q, nprobe):
 @pytest.mark.parametrize("opq, nprobe", [(False, 4), (True, 4), (False, 16)])  # 16 = nlist: the full-scan path
 def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe):
     x, q = data
-    index = retrieval.build(x, "ivfpq", metric=metric, nlist=16, m=8, opq=opq)
+    index = retrieval.build(x, "opq" if opq else "pq", metric=metric, nlist=16, m=8)
     # decode every stored row independently of the search code: centroid + PQ decode of the residual
     codes = vqlib.codebooks.unpack_codes(index.data, bits=8, m=8)
     lists = row_lists(index.offsets, index.data.shape[0])
@@ -122,7 +122,7 @@ def test_ivfpq_with_reranking_reaches_recall_095(data):
 def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data):
     x, q = data
     fast = retrieval.build(x, "pqfs", m=16)
-    exact = retrieval.build(x, "pq", m=16, nbits=4)  # same training: same codebook and codes
+    exact = retrieval.build(x, "pq", m=16, k=16)  # same training: same codebook and codes
     np.testing.assert_array_equal(np.asarray(fast.data), np.asarray(exact.data))
     scores, ids = retrieval.search(fast, q, k=10)
     codes = vqlib.codebooks.unpack_codes(fast.data, bits=4, m=16)
@@ -260,9 +260,9 @@ def test_search_compiles_once_per_candidate_size(data):
     x, q = data
     index = retrieval.build(x, "flat")
     retrieval.search(index, q, k=5)
-    before = vqlib.retrieval._search.search_all._cache_size()
+    before = vqlib.retrieval._scan_full.search_all._cache_size()
     retrieval.search(index, q + 1.0, k=5)
-    assert vqlib.retrieval._search.search_all._cache_size() == before
+    assert vqlib.retrieval._scan_full.search_all._cache_size() == before
 
 
 def test_build_progress_bar(data, capsys):

@@ -1,5 +1,9 @@
-"""Codebook primitives: each an immutable pytree with fit / encode / decode functions."""
+"""Codebook primitives: each an immutable pytree with fit / encode / decode functions, registered
+once with the codebook protocol (`register`), which every layer of vqlib drives them through."""
 
+from vqlib._types import CodeLayout as CodeLayout
+from vqlib._types import pytree_dataclass as pytree_dataclass
+from vqlib._types import static_field as static_field
 from vqlib.codebooks._adc import adc_lookup as adc_lookup
 from vqlib.codebooks._additive import AdditiveCodebook as AdditiveCodebook
 from vqlib.codebooks._additive import fit_aq as fit_aq
@@ -20,23 +24,40 @@ from vqlib.codebooks._kmeans import KMeansStats as KMeansStats
 from vqlib.codebooks._kmeans import fit_kmeans as fit_kmeans
 from vqlib.codebooks._kmeans import fit_kmeans_batched as fit_kmeans_batched
 from vqlib.codebooks._kmeans_stream import fit_kmeans_streaming as fit_kmeans_streaming
+from vqlib.codebooks._lloyd_max import lloyd_max_codebook as lloyd_max_codebook
 from vqlib.codebooks._packing import pack_codes as pack_codes
 from vqlib.codebooks._packing import unpack_codes as unpack_codes
 from vqlib.codebooks._product import ProductCodebook as ProductCodebook
 from vqlib.codebooks._product import fit_opq as fit_opq
 from vqlib.codebooks._product import fit_pq as fit_pq
+from vqlib.codebooks._protocol import CodebookType as CodebookType
+from vqlib.codebooks._protocol import Quantizer as Quantizer
+from vqlib.codebooks._protocol import adc_tables as adc_tables
+from vqlib.codebooks._protocol import code_layout as code_layout
+from vqlib.codebooks._protocol import codebook_type as codebook_type
+from vqlib.codebooks._protocol import decode as decode
+from vqlib.codebooks._protocol import dim as dim
+from vqlib.codebooks._protocol import encode as encode
+from vqlib.codebooks._protocol import fit as fit
+from vqlib.codebooks._protocol import has_tables as has_tables
+from vqlib.codebooks._protocol import inner_product as inner_product
+from vqlib.codebooks._protocol import is_codebook as is_codebook
+from vqlib.codebooks._protocol import methods as methods
+from vqlib.codebooks._protocol import quantizer as quantizer
+from vqlib.codebooks._protocol import register as register
+from vqlib.codebooks._protocol import sq_norms as sq_norms
+from vqlib.codebooks._protocol import table_bias as table_bias
+from vqlib.codebooks._protocol import to_lut_weight as to_lut_weight
+from vqlib.codebooks._protocol import validate_codebook as validate_codebook
+from vqlib.codebooks._qjl import QJLCodebook as QJLCodebook
+from vqlib.codebooks._qjl import fit_qjl as fit_qjl
 from vqlib.codebooks._rabitq import RaBitQCodebook as RaBitQCodebook
 from vqlib.codebooks._rabitq import fit_rabitq as fit_rabitq
-from vqlib.codebooks._turboquant import QJLCodebook as QJLCodebook
+from vqlib.codebooks._residual import ResidualChain as ResidualChain
+from vqlib.codebooks._residual import residual as residual
 from vqlib.codebooks._turboquant import TurboQuantCodebook as TurboQuantCodebook
 from vqlib.codebooks._turboquant import TurboQuantProdCodebook as TurboQuantProdCodebook
-from vqlib.codebooks._turboquant import fit_qjl as fit_qjl
 from vqlib.codebooks._turboquant import fit_turboquant as fit_turboquant
 from vqlib.codebooks._turboquant import fit_turboquant_prod as fit_turboquant_prod
-from vqlib.codebooks._turboquant import lloyd_max_codebook as lloyd_max_codebook
-from vqlib.codebooks._vq_layer import EMACodebook as EMACodebook
-from vqlib.codebooks._vq_layer import VQStats as VQStats
-from vqlib.codebooks._vq_layer import ema_init as ema_init
-from vqlib.codebooks._vq_layer import ema_update as ema_update
-from vqlib.codebooks._vq_layer import restart_dead_codes as restart_dead_codes
-from vqlib.codebooks._vq_layer import vector_quantize as vector_quantize
+from vqlib.codebooks._weighted import DimWeighted as DimWeighted
+from vqlib.codebooks._weighted import dim_weighted as dim_weighted

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
 from vqlib.kernels import adc_scores
 
 
-def adc_lookup(tables, codes, bias=None) -> jax.Array:
+def adc_lookup(
+    tables: Float[ArrayLike, "q m k"], codes: Int[ArrayLike, "n m"], bias: Float[ArrayLike, " n"] | None = None
+) -> Float[Array, "q n"]:
     """Scores every code row against every query: out[i, r] = sum_j tables[i, j, codes[r, j]] + bias[r].
 
     Args:

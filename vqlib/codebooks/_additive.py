@@ -5,8 +5,8 @@ Residual VQ (RVQ) fits the codebooks one stage at a time, stage j by k-means on 
 (a) the least-squares codebooks for fixed codes, C = (B^T W B + ridge I)^-1 B^T W X with B the
 (n, m k) one-hot code matrix, and (b) new codes for fixed (noise-perturbed) codebooks. Both share the encoder:
 beam search over the codebooks in order (keep the `beam` best partial sums; stage j scores
-beam x k candidates), then `sweeps` rounds of coordinate descent (ICM: re-pick each code with
-the others fixed), so a larger beam or more sweeps never raises an encoding's error.
+beam x k candidates), then `icm_iter` rounds of coordinate descent (ICM: re-pick each code with
+the others fixed), so a larger beam or more ICM rounds never raises an encoding's error.
 
 Memory: encoding holds (chunk, beam, k) scores, chunk = 2**21 / (beam k) rows; fitting holds
 the (m k)^2 Gram matrix (16 MB at 8 x 256) and the training sample's beam state.
@@ -26,11 +26,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass, static_field
-from vqlib.codebooks import _kmeans
-from vqlib.codebooks._product import _training_sample, check_metric
+from vqlib.codebooks import _kmeans, _protocol
+from vqlib.codebooks._sampling import training_sample
+from vqlib.kernels import lut_weight as lut_weight_op
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -42,12 +44,12 @@ class AdditiveCodebook:
     Attributes:
         codebooks: (m, k, d) float32.
         beam: partial sums kept by the encoder's beam search (1 = greedy residual encoding).
-        sweeps: coordinate-descent rounds over all m codes after the beam search.
+        icm_iter: coordinate-descent (ICM) rounds over all m codes after the beam search.
     """
 
     codebooks: jax.Array
     beam: int = static_field(1)
-    sweeps: int = static_field(0)
+    icm_iter: int = static_field(0)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -92,7 +94,7 @@ def _beam_search(codebooks, norms, x, beam: int):
     return state[2][0]
 
 
-def _icm(codebooks, norms, x, codes, sweeps: int):
+def _icm(codebooks, norms, x, codes, icm_iter: int):
     """Coordinate descent: each code in turn becomes the best one given the others."""
 
     def sweep(_, carry):
@@ -105,15 +107,15 @@ def _icm(codebooks, norms, x, codes, sweeps: int):
         return codes, recon
 
     recon = jnp.sum(codebooks[jnp.arange(codebooks.shape[0]), codes], axis=0)
-    return lax.fori_loop(0, sweeps, sweep, (codes, recon))[0]
+    return lax.fori_loop(0, icm_iter, sweep, (codes, recon))[0]
 
 
 def _chunk_rows(beam: int, k: int) -> int:
     return max(1, 2**21 // (beam * k))
 
 
-@functools.partial(jax.jit, static_argnames=("beam", "sweeps"))
-def _encode(codebooks, x, start=None, *, beam: int, sweeps: int):
+@functools.partial(jax.jit, static_argnames=("beam", "icm_iter"))
+def _encode(codebooks, x, start=None, *, beam: int, icm_iter: int):
     """(n, d) -> (n, m) codes; with `start` codes, ICM from them instead of a beam search."""
     norms = jnp.sum(codebooks * codebooks, axis=-1)
     x = x.astype(jnp.float32)
@@ -121,7 +123,7 @@ def _encode(codebooks, x, start=None, *, beam: int, sweeps: int):
     def one(args):
         v, s = args
         codes = _beam_search(codebooks, norms, v, beam) if start is None else s
-        return _icm(codebooks, norms, v, codes, sweeps)
+        return _icm(codebooks, norms, v, codes, icm_iter)
 
     starts = jnp.zeros((x.shape[0], 0), jnp.int32) if start is None else start
     return lax.map(one, (x, starts), batch_size=_chunk_rows(beam, codebooks.shape[1]))
@@ -175,13 +177,13 @@ def _extend_beam(states, codebook, j: int, beam: int):
 
 def fit_rvq(
     key,
-    x,
+    x: Float[ArrayLike, "n d"],
     *,
     m: int,
     k: int = 256,
     beam: int = 1,
     max_iter: int = 25,
-    sample_weight=None,
+    sample_weight: Float[ArrayLike, " n"] | None = None,
     max_points_per_centroid: int | None = 1024,
     impl: str = "auto",
 ) -> AdditiveCodebook:
@@ -201,7 +203,7 @@ def fit_rvq(
         impl: assignment backend for the k-means.
 
     Returns:
-        AdditiveCodebook with codebooks (m, k, d), beam = `beam`, sweeps = 0.
+        AdditiveCodebook with codebooks (m, k, d), beam = `beam`, icm_iter = 0.
 
     Example:
         >>> import jax, vqlib
@@ -212,7 +214,7 @@ def fit_rvq(
     """
     x, m, k, beam, w = _check_common(x, m, k, beam, sample_weight)
     sample_key, key = jax.random.split(key)
-    x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
+    x, w = training_sample(sample_key, x, w, k, max_points_per_centroid)
     codebooks = _fit_stages(key, x, w, m=m, k=k, beam=beam, max_iter=max_iter, impl=impl)
     return AdditiveCodebook(codebooks, beam=beam)
 
@@ -233,16 +235,16 @@ def _least_squares(codes, x, w, ridge, *, k: int):
 
 def fit_aq(
     key,
-    x,
+    x: Float[ArrayLike, "n d"],
     *,
     m: int,
     k: int = 256,
     beam: int = 8,
-    sweeps: int = 2,
-    num_rounds: int = 40,
+    icm_iter: int = 2,
+    max_iter: int = 40,
     noise: float = 0.2,
     ridge: float = 1e-2,
-    max_iter: int = 25,
+    kmeans_iter: int = 25,
     sample_weight=None,
     max_points_per_centroid: int | None = 1024,
     impl: str = "auto",
@@ -262,97 +264,109 @@ def fit_aq(
         key: PRNG key.
         x: (n, d) training vectors.
         m: number of codebooks; k: rows per codebook.
-        beam: beam width of the encoder; sweeps: ICM rounds after the beam search.
-        num_rounds: alternations of (codebooks, codes).
+        beam: beam width of the encoder; icm_iter: ICM rounds after the beam search.
+        max_iter: rounds R of alternation (codebooks, codes).
         noise: the relaxation's initial scale (0: plain alternation).
         ridge: Tikhonov term of the least squares (faiss's LSQ lambd).
-        max_iter: Lloyd iterations per stage of the RVQ initialisation.
+        kmeans_iter: Lloyd iterations per stage of the RVQ initialisation.
         sample_weight: (n,) non-negative weights of the least squares and k-means.
         max_points_per_centroid: train on at most k times this many vectors; None for all.
         impl: assignment backend for the k-means.
 
     Returns:
-        AdditiveCodebook with codebooks (m, k, d), beam and sweeps as given.
+        AdditiveCodebook with codebooks (m, k, d), beam and icm_iter as given.
 
     Example:
         >>> import jax, vqlib
         >>> x = jax.random.normal(jax.random.key(1), (2000, 16))
-        >>> cb = vqlib.fit(x, "aq", m=3, k=16, beam=4, num_rounds=2)
+        >>> cb = vqlib.fit(x, "aq", m=3, k=16, beam=4, max_iter=2)
         >>> vqlib.decode(cb, vqlib.encode(cb, x)).shape
         (2000, 16)
     """
     x, m, k, beam, w = _check_common(x, m, k, beam, sample_weight)
-    sweeps = _checks.check_int(sweeps, "sweeps", low=0)
-    num_rounds = _checks.check_int(num_rounds, "num_rounds", low=0)
+    icm_iter = _checks.check_int(icm_iter, "icm_iter", low=0)
+    max_iter = _checks.check_int(max_iter, "max_iter", low=0)
     noise = _checks.check_nonnegative_float(noise, "noise")
     ridge = _checks.check_nonnegative_float(ridge, "ridge")
     sample_key, stages_key, noise_key = jax.random.split(key, 3)
-    x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
+    x, w = training_sample(sample_key, x, w, k, max_points_per_centroid)
     x = x.astype(jnp.float32)
     w = jnp.ones(x.shape[0], jnp.float32) if w is None else w
-    best = _fit_stages(stages_key, x, w, m=m, k=k, beam=beam, max_iter=max_iter, impl=impl)
-    codes = _encode(best, x, beam=beam, sweeps=sweeps)
+    best = _fit_stages(stages_key, x, w, m=m, k=k, beam=beam, max_iter=kmeans_iter, impl=impl)
+    codes = _encode(best, x, beam=beam, icm_iter=icm_iter)
     best_loss = jnp.dot(w, _errors(best, codes, x))
     scale = jnp.std(x, axis=0) / m  # (d,)
-    for t in range(num_rounds + 1):
+    for t in range(max_iter + 1):
         solved = _least_squares(codes, x, w, ridge, k=k)
         loss = jnp.dot(w, _errors(solved, codes, x))
         if bool(loss < best_loss):
             best, best_loss = solved, loss
-        if t < num_rounds:
-            temperature = noise * (1.0 - (t + 1) / num_rounds) ** 0.5
+        if t < max_iter:
+            temperature = noise * (1.0 - (t + 1) / max_iter) ** 0.5
             perturbed = solved + temperature * scale[None, None] * jax.random.normal(
                 jax.random.fold_in(noise_key, t), solved.shape
             )
-            codes = _better_codes(perturbed, x, codes, beam=beam, sweeps=sweeps)
-    return AdditiveCodebook(best, beam=beam, sweeps=sweeps)
+            codes = _better_codes(perturbed, x, codes, beam=beam, icm_iter=icm_iter)
+    return AdditiveCodebook(best, beam=beam, icm_iter=icm_iter)
 
 
-@functools.partial(jax.jit, static_argnames=("beam", "sweeps"))
-def _better_codes(codebooks, x, previous, *, beam: int, sweeps: int):
+@functools.partial(jax.jit, static_argnames=("beam", "icm_iter"))
+def _better_codes(codebooks, x, previous, *, beam: int, icm_iter: int):
     """Per vector, the better of a fresh beam search and ICM from the previous codes."""
-    fresh = _encode(codebooks, x, beam=beam, sweeps=sweeps)
-    kept = _encode(codebooks, x, previous, beam=beam, sweeps=max(sweeps, 1))
+    fresh = _encode(codebooks, x, beam=beam, icm_iter=icm_iter)
+    kept = _encode(codebooks, x, previous, beam=beam, icm_iter=max(icm_iter, 1))
     better = _errors(codebooks, fresh, x) <= _errors(codebooks, kept, x)
     return jnp.where(better[:, None], fresh, kept)
 
 
-# ----------------------------------------------------------------------------- public functions
+# ----------------------------------------------------------------------------- protocol
 
 
-def encode(cb: AdditiveCodebook, x) -> jax.Array:
-    """(n, d) vectors -> (n, m) int32 codes by beam search (width cb.beam) and cb.sweeps ICM rounds."""
+def encode(cb: AdditiveCodebook, x: Float[Array, "n d"]) -> Int[Array, "n m"]:
+    """(n, d) vectors -> (n, m) int32 codes by beam search (width cb.beam) and cb.icm_iter ICM rounds."""
     _checks.check_rank(cb.codebooks, 3, "cb.codebooks", "; a batch of codebooks: use jax.vmap(vqlib.encode)")
-    x = _checks.check_float_array(x, "x", ndim=2)
-    _checks.check_dim(x, cb.codebooks.shape[2])
-    return _encode(cb.codebooks, x, beam=cb.beam, sweeps=cb.sweeps)
+    return _encode(cb.codebooks, x, beam=cb.beam, icm_iter=cb.icm_iter)
 
 
-def decode(cb: AdditiveCodebook, codes) -> jax.Array:
+def decode(cb: AdditiveCodebook, codes: Int[Array, "n m"]) -> Float[Array, "n d"]:
     """(n, m) codes -> (n, d) float32 sums of the selected codebook rows."""
-    m, k, _ = cb.codebooks.shape
-    return _decode(cb.codebooks, _checks.check_codes(codes, k, width=m))
+    return _decode(cb.codebooks, codes)
 
 
 def layout(cb: AdditiveCodebook) -> CodeLayout:
     return CodeLayout(cb.codebooks.shape[0], cb.codebooks.shape[1])
 
 
-def adc_tables(cb: AdditiveCodebook, queries, *, metric: str = "l2") -> jax.Array:
-    """Queries (q, d) -> (q, m, k) tables of <q, C_j[c]> ("ip") or ||q||^2 / m - 2 <q, C_j[c]> ("l2").
-
-    For "ip" the table sum over a code row is <q, decode(codes)> exactly. For "l2" the cross
-    terms between codebooks do not split over j: add the stored ||decode(codes)||^2 per
-    database vector (`vqlib.codebooks.decoded_sq_norms`) to get ||q - decode(codes)||^2.
-    """
-    queries = _checks.check_float_array(queries, "queries", ndim=2)
-    _checks.check_dim(queries, cb.codebooks.shape[2], "queries")
-    return _tables(cb.codebooks, queries.astype(jnp.float32), metric=check_metric(metric))
+@jax.jit
+def ip_tables(cb: AdditiveCodebook, queries: Float[Array, "q d"]) -> Float[Array, "q m k"]:
+    """tables[i, j, c] = <q_i, C_j[c]>: the sum over a code row is <q, decode(codes)> exactly. The
+    L2 distance adds the cross terms between codebooks, which do not split over j: the protocol
+    adds ||decode(codes)||^2 per row (`vqlib.codebooks.table_bias`)."""
+    return jnp.einsum("qd,mkd->qmk", queries, cb.codebooks, precision=_HIGHEST)
 
 
-@functools.partial(jax.jit, static_argnames="metric")
-def _tables(codebooks, queries, *, metric: str):
-    dots = jnp.einsum("qd,mkd->qmk", queries, codebooks, precision=_HIGHEST)
-    if metric == "ip":
-        return dots
-    return jnp.sum(queries * queries, axis=-1)[:, None, None] / codebooks.shape[0] - 2.0 * dots
+def lut_weight(cb: AdditiveCodebook, codes: Int[Array, "n m"], shape: tuple[int, int]):
+    """AQ of groups of d weights: m codebooks (m, k, d), codes (m, out, in // d)."""
+    out, cols = shape
+    m, _, d = cb.codebooks.shape
+    return lut_weight_op("aq", codes.T.reshape(m, out, cols // d), cb.codebooks)
+
+
+def validate(cb: AdditiveCodebook) -> None:
+    if cb.codebooks.ndim != 3 or min(cb.codebooks.shape) < 1:
+        raise ValueError(f"codebooks must be (m, k, d) with every size >= 1, got {cb.codebooks.shape}")
+    if not isinstance(cb.beam, int) or cb.beam < 1 or not isinstance(cb.icm_iter, int) or cb.icm_iter < 0:
+        raise ValueError(f"beam must be an int >= 1 and icm_iter an int >= 0, got {cb.beam!r} and {cb.icm_iter!r}")
+
+
+_protocol.register(
+    AdditiveCodebook,
+    methods={"rvq": fit_rvq, "aq": fit_aq},
+    encode=encode,
+    decode=decode,
+    layout=layout,
+    dim=lambda cb: cb.codebooks.shape[-1],
+    ip_tables=ip_tables,
+    lut_weight=lut_weight,
+    validate=validate,
+)

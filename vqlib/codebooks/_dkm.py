@@ -6,7 +6,7 @@ For weights w (n, d) and centroids c (k, d), one DKM iteration is
     c_j    <- sum_i A[i, j] w_i / sum_i A[i, j]             attention-weighted mean
 
 A centroid whose attention mass sum_i A[i, j] is below the float epsilon (no point attends to
-it) keeps its place. After `num_iters` iterations the output is the soft reconstruction
+it) keeps its place. After `max_iter` iterations the output is the soft reconstruction
 w_soft = A(c_T) c_T, and gradients flow back through every iteration to w and to the initial
 centroids (wrap them in `jax.lax.stop_gradient` to train w alone). As tau -> 0 the attention
 becomes the nearest-centroid one-hot (ties split evenly), each iteration a Lloyd step, and w_soft
@@ -15,12 +15,12 @@ on the change of the centroids would make the backward pass depend on the data.
 
 Memory. Autodiff through the plain formulas keeps every (n, k) attention map and its logits
 for the backward pass: for a 4096 x 4096 weight and k = 16 that is 1 GiB per map in float32,
-num_iters + 1 maps and as many intermediates. Here every pass over w runs in tiles of
+max_iter + 1 maps and as many intermediates. Here every pass over w runs in tiles of
 `block_n` rows (a `lax.scan`), under a custom VJP that saves only its inputs (w and the (k, d)
 centroids) and recomputes each tile's attention in the backward pass. Beyond a few copies of w
 (the input, the padded tiles, the output and their cotangents), the scratch is a handful of
 (block_n, k) tiles, 1 MiB each by default. Measured (`benchmarks/dkm_digits.py`, 2-core CPU):
-value and gradient for a 4096 x 4096 float32 weight, k = 16, num_iters = 3, peak at 0.88 GB RSS
+value and gradient for a 4096 x 4096 float32 weight, k = 16, max_iter = 3, peak at 0.88 GB RSS
 for the whole process, 0.50 GB above its RSS with w loaded (w is 64 MiB; 9-10 s per call). Autodiff
 through the plain formulas already grows by 2.5 GB at 2048 x 2048 (tiled: 0.16 GB) and would need
 about 10 GB at 4096 x 4096. `tests/codebooks/test_dkm.py::test_peak_memory_2048_squared` asserts
@@ -36,12 +36,11 @@ References:
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+from jaxtyping import ArrayLike, Float
 
 from vqlib import _checks
 
@@ -120,8 +119,8 @@ def _over_tiles_bwd(tile_fn, residuals, cotangents):
 _over_tiles.defvjp(_over_tiles_fwd, _over_tiles_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters", "block_n"))
-def _dkm(w, centroids, tau, *, num_iters: int, block_n: int):
+@functools.partial(jax.jit, static_argnames=("max_iter", "block_n"))
+def _dkm(w, centroids, tau, *, max_iter: int, block_n: int):
     n, d = w.shape
     dtype = _compute_dtype(w, centroids)
     c = centroids.astype(dtype)
@@ -129,26 +128,12 @@ def _dkm(w, centroids, tau, *, num_iters: int, block_n: int):
     num_tiles = -(-n // block_n)
     tiles = jnp.pad(w.astype(dtype), ((0, num_tiles * block_n - n), (0, 0))).reshape(num_tiles, block_n, d)
     min_mass = jnp.finfo(dtype).eps
-    for _ in range(num_iters):  # unrolled: the tiles are saved once for all passes, not per iteration
+    for _ in range(max_iter):  # unrolled: the tiles are saved once for all passes, not per iteration
         _, (sums, mass) = _over_tiles(functools.partial(_stats_tile, n), tiles, c, tau)
         kept = mass > min_mass
         c = jnp.where(kept[:, None], sums / jnp.where(kept, mass, 1.0)[:, None], c)
     soft, _ = _over_tiles(_soft_tile, tiles, c, tau)
     return soft.reshape(num_tiles * block_n, d)[:n].astype(w.dtype), c.astype(centroids.dtype)
-
-
-def check_tau(tau, name: str = "tau"):
-    """A concrete tau must be a finite number > 0; a traced one (a schedule under jit) a scalar."""
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real | jax.Array | np.ndarray | np.generic):
-        raise TypeError(f"{name} must be a positive number (the softmax temperature), got {type(tau).__name__}")
-    if np.ndim(tau) != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {np.shape(tau)}; pass one temperature per call")
-    if _checks.is_concrete(tau) and not (np.isfinite(float(tau)) and float(tau) > 0):
-        raise ValueError(
-            f"{name} must be a finite number > 0, got {float(tau)!r}; for hard k-means assignments "
-            "use a small positive tau (e.g. 1e-6 times the variance of w) or vqlib.assign"
-        )
-    return tau
 
 
 def default_block_n(n: int, k: int, d: int) -> int:
@@ -157,8 +142,15 @@ def default_block_n(n: int, k: int, d: int) -> int:
     return max(1, min(n, TILE_ELEMENTS // max(k, d)))
 
 
-def dkm(w, centroids, *, tau, num_iters: int = 3, block_n: int | None = None):
-    """Differentiable k-means: `num_iters` attention-weighted centroid updates, then w's soft reconstruction.
+def dkm(
+    w: Float[ArrayLike, "n d"],
+    centroids: Float[ArrayLike, "k d"],
+    *,
+    tau,
+    max_iter: int = 3,
+    block_n: int | None = None,
+):
+    """Differentiable k-means: `max_iter` attention-weighted centroid updates, then w's soft reconstruction.
 
     Args:
         w: (n, d) weights to cluster (rows are the clustered vectors; d = 1 for scalar
@@ -167,7 +159,7 @@ def dkm(w, centroids, *, tau, num_iters: int = 3, block_n: int | None = None):
             or the previous training step's output.
         tau: softmax temperature > 0, in the units of the squared distance (scale it with the
             variance of w); a traced scalar is accepted, so a schedule does not recompile.
-        num_iters: centroid updates per call (0 returns the reconstruction from `centroids`).
+        max_iter: centroid updates per call (0 returns the reconstruction from `centroids`).
         block_n: rows per tile; default `default_block_n(n, k, d)` (tiles of about 1 MiB).
 
     Returns:
@@ -195,7 +187,7 @@ def dkm(w, centroids, *, tau, num_iters: int = 3, block_n: int | None = None):
             f"centroids has k={k} rows but w has n={n} rows (weights to cluster); use 1 <= k <= {n}: "
             "fewer centroids (bits) or a larger tensor"
         )
-    tau = check_tau(tau)
-    num_iters = _checks.check_int(num_iters, "num_iters", low=0)
+    tau = _checks.check_tau(tau)
+    max_iter = _checks.check_int(max_iter, "max_iter", low=0)
     block_n = default_block_n(n, k, d) if block_n is None else _checks.check_int(block_n, "block_n", low=1)
-    return _dkm(w, centroids, tau, num_iters=num_iters, block_n=block_n)
+    return _dkm(w, centroids, tau, max_iter=max_iter, block_n=block_n)

@@ -18,8 +18,8 @@ negative" (coordinate 0's sign follows from the parity), 0 the shift (1: +1/4). 
 exact: for each shift and pattern the best signs are those of the block, with one flip of the
 coordinate of least a_i |x_i| when the parity is wrong; the best of the 512 candidates wins.
 QuIP# puts a randomized Hadamard transform in front (the default here) and sets the step to
-RMS / 1.03 (`rms_scale`); `bits=3` and `bits=4` stack a second stage on the residual with
-`vqlib.residual` (an "e8" stage of 1 bit, or a second E8P), as QuIP#'s RVQ codebooks do.
+RMS / 1.03 (`rms_scale`); `bits=3` and `bits=4` add a second stage on the residual (the
+`residual` field: an "e8" stage of 1 bit, or a second E8P), as QuIP#'s RVQ codebooks do.
 
 With `rms_scale=None` the step is fitted: the one of least mean squared error on (a sample of)
 x, over a grid of steps 2**(1/4) apart, refined 2**(1/20) apart.
@@ -41,10 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass, static_field
+from vqlib.codebooks import _protocol
 from vqlib.codebooks._hadamard import ROTATIONS, Rotation, random_rotation, rotate, unrotate
+from vqlib.kernels import lut_weight as lut_weight_op
 
 KINDS = ("e8", "e8p")
 _BLOCK = 8
@@ -66,8 +69,10 @@ class E8Codebook:
         step: () float32 scale of the lattice.
         rotation: the Rotation applied before coding, or None.
         dim: d, the vector length (a static field: with no rotation no array has that shape).
-        bits: bits per coordinate (8 * bits per block): 1 or 2 for "e8", 2 for "e8p".
+        bits: bits per coordinate of this stage (8 * bits per block): 1 or 2 for "e8", 2 for "e8p".
         kind: "e8" (smallest points of E8) or "e8p" (QuIP#'s E8P).
+        residual: a second stage (no rotation of its own) coding what this one leaves, or None.
+            Codes: this stage's d / 8 columns, then the residual stage's.
     """
 
     step: jax.Array
@@ -75,6 +80,7 @@ class E8Codebook:
     dim: int = static_field(8)
     bits: int = static_field(2)
     kind: str = static_field("e8")
+    residual: E8Codebook | None = None
 
 
 # ----------------------------------------------------------------------------- the E8 lattice
@@ -92,7 +98,7 @@ def _nearest_d8(y):
     return r + jnp.where(odd & hit, flip, jnp.zeros_like(flip))
 
 
-def nearest_e8(y: jax.Array) -> jax.Array:
+def nearest_e8(y: Float[ArrayLike, "*b 8"]) -> Float[Array, "*b 8"]:
     """The nearest point of the E8 lattice to each 8-vector of y (..., 8) (Conway & Sloane).
 
     Example:
@@ -261,7 +267,12 @@ def _best_step(y, *, kind: str, bits: int):
 
 def _fit(key, x, *, kind: str, bits: int, rotation, rms_scale) -> E8Codebook:
     x = _checks.check_float_array(x, "x", ndim=2)
-    _checks.check_divisible(x.shape[1], _BLOCK, "d", "the E8 block size")
+    if x.shape[1] % _BLOCK:
+        padded = _BLOCK * -(-x.shape[1] // _BLOCK)
+        raise ValueError(
+            f"x has d={x.shape[1]}, not a multiple of the E8 block of 8 coordinates; pad x with zero columns "
+            f"to d={padded}: jnp.pad(x, ((0, 0), (0, {padded - x.shape[1]})))"
+        )
     if rotation is not None and rotation not in ROTATIONS:
         raise ValueError(f"rotation must be one of {ROTATIONS} or None, got {rotation!r}")
     if rms_scale is not None and (_checks.check_nonnegative_float(rms_scale, "rms_scale") == 0):
@@ -277,7 +288,9 @@ def _fit(key, x, *, kind: str, bits: int, rotation, rms_scale) -> E8Codebook:
     return dataclasses.replace(unit, step=_best_step(y, kind=kind, bits=bits))
 
 
-def fit_e8(key, x, *, bits: int = 2, rotation: str | None = None, rms_scale: float | None = None) -> E8Codebook:
+def fit_e8(
+    key, x: Float[ArrayLike, "n d"], *, bits: int = 2, rotation: str | None = None, rms_scale: float | None = None
+) -> E8Codebook:
     """The E8 lattice quantizer: the 2**(8 bits) smallest points of E8 per block of 8 coordinates.
 
     Args:
@@ -302,8 +315,10 @@ def fit_e8(key, x, *, bits: int = 2, rotation: str | None = None, rms_scale: flo
     return _fit(key, x, kind="e8", bits=bits, rotation=rotation, rms_scale=rms_scale)
 
 
-def fit_e8p(key, x, *, bits: int = 2, rotation: str | None = "hadamard", rms_scale: float | None = 1.03):
-    """QuIP#'s E8P codebook (2 bits per coordinate), with 1- or 2-bit residual stages for 3 and 4 bits.
+def fit_e8p(
+    key, x: Float[ArrayLike, "n d"], *, bits: int = 2, rotation: str | None = "hadamard", rms_scale: float | None = 1.03
+) -> E8Codebook:
+    """QuIP#'s E8P codebook (2 bits per coordinate), with a 1- or 2-bit residual stage for 3 and 4 bits.
 
     Args:
         key: PRNG key (rotation; sample for a step search).
@@ -314,8 +329,8 @@ def fit_e8p(key, x, *, bits: int = 2, rotation: str | None = "hadamard", rms_sca
             it. Residual stages always fit their step.
 
     Returns:
-        E8Codebook of kind "e8p" (bits = 2, codes (n, d / 8) of 16 bits), or for 3 and 4 bits a
-        `vqlib.ResidualChain` of two stages, codes (n, d / 4).
+        E8Codebook of kind "e8p" for every bit width: codes (n, d / 8) of 16 bits, and for 3 and 4
+        bits its `residual` stage's d / 8 more columns.
 
     Example:
         >>> import jax, vqlib
@@ -326,30 +341,82 @@ def fit_e8p(key, x, *, bits: int = 2, rotation: str | None = "hadamard", rms_sca
         0.09
     """
     bits = _checks.check_int(bits, "bits", low=2, high=4)
+    first_key, second_key = jax.random.split(key)
+    first = _fit(first_key, x, kind="e8p", bits=2, rotation=rotation, rms_scale=rms_scale)
     if bits == 2:
-        return _fit(key, x, kind="e8p", bits=2, rotation=rotation, rms_scale=rms_scale)
-    from vqlib import _compose  # _compose imports the front door, which imports this module
-
-    first = _compose.quantizer("e8p", bits=2, rotation=rotation, rms_scale=rms_scale)
-    second = _compose.quantizer("e8p", bits=2, rotation=None, rms_scale=None)
-    if bits == 3:
-        second = _compose.quantizer("e8", bits=1)
-    return _compose.residual(first, second).fit(key, x)
+        return first
+    x = _checks.check_float_array(x, "x", ndim=2).astype(jnp.float32)
+    left = x - _decode(first, _encode(first, x))
+    kind, stage_bits = ("e8", 1) if bits == 3 else ("e8p", 2)
+    second = _fit(second_key, left, kind=kind, bits=stage_bits, rotation=None, rms_scale=None)
+    return dataclasses.replace(first, residual=second)
 
 
-def encode(cb: E8Codebook, x) -> jax.Array:
-    """(n, d) vectors -> (n, d / 8) int32 codes, one per block of 8 (rotated) coordinates."""
-    x = _checks.check_float_array(x, "x", ndim=2)
-    _checks.check_dim(x, cb.dim)
-    return _encode(cb, x)
+def _columns(cb: E8Codebook) -> int:
+    return cb.dim // _BLOCK
 
 
-def decode(cb: E8Codebook, codes) -> jax.Array:
-    """(n, d / 8) codes -> (n, d) float32 reconstructions."""
-    out = layout(cb)
-    return _decode(cb, _checks.check_codes(codes, out.num_codes, width=out.num_codebooks))
+def encode(cb: E8Codebook, x: Float[ArrayLike, "n d"]) -> Int[Array, "n w"]:
+    """(n, d) vectors -> (n, d / 8) int32 codes, one per block of 8 (rotated) coordinates, then the
+    residual stage's codes of what this stage leaves."""
+    codes = _encode(cb, x)
+    if cb.residual is None:
+        return codes
+    left = x.astype(jnp.float32) - _decode(cb, codes)
+    return jnp.concatenate([codes, encode(cb.residual, left)], axis=1)
+
+
+def decode(cb: E8Codebook, codes: Int[Array, "n w"]) -> Float[Array, "n d"]:
+    """(n, d / 8) codes (more columns with a residual stage) -> (n, d) float32 reconstructions."""
+    w = _columns(cb)
+    x_hat = _decode(cb, codes[:, :w])
+    return x_hat if cb.residual is None else x_hat + decode(cb.residual, codes[:, w:])
 
 
 def layout(cb: E8Codebook) -> CodeLayout:
-    """d / 8 codes per vector, each of 8 * bits bits."""
-    return CodeLayout(cb.dim // _BLOCK, 2 ** (_BLOCK * cb.bits))
+    """d / 8 codes per vector, each of 8 * bits bits; a residual stage adds its columns (packed at
+    the wider stage's width: a 3-bit E8P stores its 8-bit residual codes in 16-bit columns)."""
+    own = CodeLayout(_columns(cb), 2 ** (_BLOCK * cb.bits))
+    if cb.residual is None:
+        return own
+    more = layout(cb.residual)
+    return CodeLayout(own.num_codebooks + more.num_codebooks, max(own.num_codes, more.num_codes))
+
+
+def lut_weight(cb: E8Codebook, codes: Int[Array, "n w"], shape: tuple[int, int]):
+    """E8P codes of an unrotated weight: `lut_matmul`'s "e8p" kind with the step as the row scale."""
+    if cb.kind != "e8p" or cb.rotation is not None or cb.residual is not None:
+        raise NotImplementedError(
+            "only a single-stage E8P codebook without rotation has a LUTWeight form; rotate the weight and the "
+            "activations yourself (QuIP#'s incoherence) and fit with rotation=None"
+        )
+    out, cols = shape
+    patterns = jnp.asarray(_e8p_patterns(), jnp.float32) / 2
+    return lut_weight_op("e8p", codes.reshape(1, out, cols // _BLOCK), patterns, jnp.full((out,), cb.step))
+
+
+def validate(cb: E8Codebook) -> None:
+    if cb.kind not in KINDS or cb.bits not in ((1, 2) if cb.kind == "e8" else (2,)):
+        raise ValueError(f"kind {cb.kind!r} with bits={cb.bits!r} is not an E8 codebook vqlib writes")
+    if not isinstance(cb.dim, int) or cb.dim < _BLOCK or cb.dim % _BLOCK:
+        raise ValueError(f"dim must be a positive multiple of 8, got {cb.dim!r}")
+    if cb.step.shape != () or not float(cb.step) > 0:
+        raise ValueError(f"step must be a positive scalar, got shape {cb.step.shape}")
+    if cb.rotation is not None and cb.rotation.signs.shape != (cb.dim,):
+        raise ValueError(f"the rotation acts on d={cb.rotation.signs.shape[0]}, the codebook on d={cb.dim}")
+    if cb.residual is not None:
+        if cb.residual.dim != cb.dim or cb.residual.residual is not None or cb.residual.rotation is not None:
+            raise ValueError("the residual stage must code the same d, with no rotation or stage of its own")
+        validate(cb.residual)
+
+
+_protocol.register(
+    E8Codebook,
+    methods={"e8": fit_e8, "e8p": fit_e8p},
+    encode=encode,
+    decode=decode,
+    layout=layout,
+    dim=lambda cb: cb.dim,
+    lut_weight=lut_weight,
+    validate=validate,
+)

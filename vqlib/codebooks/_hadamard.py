@@ -34,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float
 
 from vqlib import _checks
 from vqlib._types import pytree_dataclass
@@ -54,7 +55,7 @@ class Rotation:
     factor: jax.Array
 
 
-def fwht(x: jax.Array) -> jax.Array:
+def fwht(x: Float[ArrayLike, "*b d"]) -> Float[Array, "*b d"]:
     """Orthonormal fast Walsh-Hadamard transform of the last axis, O(d log d); its own inverse.
 
     Args:
@@ -87,7 +88,7 @@ def _fwht(x):
     return x * jnp.asarray(1.0 / math.sqrt(d), x.dtype)
 
 
-def random_orthogonal(key, d: int) -> jax.Array:
+def random_orthogonal(key, d: int) -> Float[Array, "{d} {d}"]:
     """A Haar-distributed (d, d) float32 orthogonal matrix: QR of a Gaussian, column j times sign(R_jj).
 
     Example:
@@ -146,7 +147,7 @@ def _check_dims(rot: Rotation, x) -> None:
         raise ValueError(f"x must have shape (..., {d}) for this rotation, got {tuple(x.shape)}")
 
 
-def rotate(rot: Rotation, x: jax.Array) -> jax.Array:
+def rotate(rot: Rotation, x: Float[ArrayLike, "*b d"]) -> Float[Array, "*b d"]:
     """y = (F kron H_P) diag(s) x on the last axis of x (..., d), in float32.
 
     Example:
@@ -170,7 +171,7 @@ def _rotate(rot: Rotation, x):
     return blocks.reshape(x.shape)
 
 
-def unrotate(rot: Rotation, y: jax.Array) -> jax.Array:
+def unrotate(rot: Rotation, y: Float[ArrayLike, "*b d"]) -> Float[Array, "*b d"]:
     """The inverse of `rotate`: x = diag(s) (F^T kron H_P) y on the last axis of y (..., d).
 
     Example:

@@ -1,6 +1,6 @@
 """Flash k-means: exact Lloyd iterations that never hold the (n, k) distance matrix.
 
-Each iteration is one pass over the points computing sufficient statistics (`_Pass`): the
+Each iteration is one pass over the points computing sufficient statistics (`PassStats`): the
 assignment is tiled (`vqlib.kernels.assign`, O(block_n * block_k) scratch), and the centroid
 sums come from a sort-inverse segment reduction: point indices sorted by code, then a
 segment sum over runs of equal codes (`indices_are_sorted=True`), so no two writers contend
@@ -32,11 +32,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
-from vqlib._types import CodeLayout, pytree_dataclass
+from vqlib._types import CodeLayout, Metric, pytree_dataclass
+from vqlib.codebooks import _protocol
 from vqlib.kernels import assign as assign_op
 from vqlib.kernels import check_impl
+from vqlib.kernels import lut_weight as lut_weight_op
+
+_HIGHEST = lax.Precision.HIGHEST
 
 INITS = ("k-means++", "random")
 UPDATES = ("auto", "sort", "scatter")
@@ -66,7 +71,7 @@ class KMeansCodebook:
     stats: KMeansStats | None = None
 
 
-class _Pass(NamedTuple):
+class PassStats(NamedTuple):
     """Sufficient statistics of one pass over some points, mergeable across chunks and devices."""
 
     sums: jax.Array  # (k, d) float32, weighted sum of the points of each cluster
@@ -105,24 +110,24 @@ def _top_far(dists, points, r: int):
     return dists, points[idx]
 
 
-def _pass_stats(x, w, centroids, *, num_far: int, update: str, impl: str) -> _Pass:
+def pass_stats(x, w, centroids, *, num_far: int, update: str, impl: str) -> PassStats:
     codes, d2 = assign_op(x, centroids, impl=impl)
     sums, counts = _cluster_sums(x, w, codes, centroids.shape[0], update)
     wd2 = d2 if w is None else w * d2
     far_dists, far_points = _top_far(wd2, x, num_far)
-    return _Pass(sums, counts, jnp.sum(wd2), far_dists, far_points.astype(jnp.float32))
+    return PassStats(sums, counts, jnp.sum(wd2), far_dists, far_points.astype(jnp.float32))
 
 
-def _merge(a: _Pass, b: _Pass) -> _Pass:
+def merge_stats(a: PassStats, b: PassStats) -> PassStats:
     far = _top_far(
         jnp.concatenate([a.far_dists, b.far_dists]),
         jnp.concatenate([a.far_points, b.far_points]),
         a.far_dists.shape[0],
     )
-    return _Pass(a.sums + b.sums, a.counts + b.counts, a.inertia + b.inertia, *far)
+    return PassStats(a.sums + b.sums, a.counts + b.counts, a.inertia + b.inertia, *far)
 
 
-def _allreduce(p: _Pass, axis_name: str) -> _Pass:
+def _allreduce(p: PassStats, axis_name: str) -> PassStats:
     """Combines the per-device statistics of a sharded pass."""
     sums, counts, inertia = lax.psum((p.sums, p.counts, p.inertia), axis_name)
     far = _top_far(
@@ -130,18 +135,25 @@ def _allreduce(p: _Pass, axis_name: str) -> _Pass:
         lax.all_gather(p.far_points, axis_name, tiled=True),
         p.far_dists.shape[0],
     )
-    return _Pass(sums, counts, inertia, *far)
+    return PassStats(sums, counts, inertia, *far)
 
 
-def _update(centroids, p: _Pass):
-    """New centroids (weighted means) with empty clusters moved to the farthest points."""
+def _unit_rows(c):
+    """Rows scaled to unit length (a zero row stays zero)."""
+    norms = jnp.linalg.norm(c, axis=-1, keepdims=True)
+    return c / jnp.where(norms > 0, norms, 1.0)
+
+
+def update_centroids(centroids, p: PassStats, spherical: bool = False):
+    """New centroids (weighted means) with empty clusters moved to the farthest points; unit
+    length for spherical k-means (faiss's `spherical=True`: renormalised after every update)."""
     empty = p.counts <= 0
     means = p.sums / jnp.where(empty, 1.0, p.counts)[:, None]
     rank = jnp.clip(jnp.cumsum(empty) - 1, 0, p.far_dists.shape[0] - 1)
     reseed = empty & (jnp.cumsum(empty) <= p.far_dists.shape[0]) & (p.far_dists[rank] > 0)
     new = jnp.where(empty[:, None], centroids, means)
     new = jnp.where(reseed[:, None], p.far_points[rank], new)
-    return new, jnp.sum(reseed, dtype=jnp.int32)
+    return (_unit_rows(new) if spherical else new), jnp.sum(reseed, dtype=jnp.int32)
 
 
 # ----------------------------------------------------------------------------- init
@@ -200,11 +212,15 @@ def default_init_sample_size(n: int, k: int) -> int:
 # ----------------------------------------------------------------------------- Lloyd
 
 
-def _lloyd(x, w, centroids, *, max_iter: int, tol: float, num_far: int, update: str, impl: str, axis_name=None):
-    """Runs Lloyd from `centroids`; returns (centroids, KMeansStats). See KMeansStats for the schedule."""
+def _lloyd(
+    x, w, centroids, *, max_iter: int, tol: float, num_far: int, update: str, impl: str, spherical: bool, axis_name=None
+):
+    """Runs Lloyd from `centroids`; returns (centroids, KMeansStats). See KMeansStats for the schedule.
+    Spherical k-means starts from the unit-length `centroids` and keeps them on the sphere; its
+    assignment by L2 distance to unit centroids is the assignment by largest inner product."""
 
     def stats_of(c):
-        p = _pass_stats(x, w, c, num_far=num_far, update=update, impl=impl)
+        p = pass_stats(x, w, c, num_far=num_far, update=update, impl=impl)
         return p if axis_name is None else _allreduce(p, axis_name)
 
     def body(state):
@@ -214,24 +230,28 @@ def _lloyd(x, w, centroids, *, max_iter: int, tol: float, num_far: int, update: 
         previous = history[jnp.maximum(t - 1, 0)]
         converged = (t > 0) & (previous - p.inertia < tol * previous)
         done = (t >= max_iter) | converged | (p.inertia <= 0)
-        new_c, num_reseeded = _update(c, p)
+        new_c, num_reseeded = update_centroids(c, p, spherical)
         step = jnp.where(done, 0, 1)
         return t + step, jnp.where(done, c, new_c), history, done, reseeded + step * num_reseeded
 
     history = jnp.full((max_iter + 1,), jnp.nan, jnp.float32)
-    state = (jnp.int32(0), centroids.astype(jnp.float32), history, jnp.bool_(False), jnp.int32(0))
+    centroids = centroids.astype(jnp.float32)
+    centroids = _unit_rows(centroids) if spherical else centroids
+    state = (jnp.int32(0), centroids, history, jnp.bool_(False), jnp.int32(0))
     t, c, history, _, reseeded = lax.while_loop(lambda s: ~s[3], body, state)
     return c, KMeansStats(inertia=history, num_iters=t, num_reseeded=reseeded)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k", "init", "init_sample_size", "max_iter", "tol", "num_far", "update", "impl")
+    jax.jit,
+    static_argnames=("k", "init", "init_sample_size", "max_iter", "tol", "num_far", "update", "impl", "spherical"),
 )
-def _fit(key, x, w, init_array, *, k, init, init_sample_size, max_iter, tol, num_far, update, impl):
+def _fit(key, x, w, init_array, *, k, init, init_sample_size, max_iter, tol, num_far, update, impl, spherical):
     if init_array is None:
         ones = jnp.ones(x.shape[:1], jnp.float32)
         init_array = _initial_centroids(key, x, ones if w is None else w, k, init, init_sample_size)
-    c, stats = _lloyd(x, w, init_array, max_iter=max_iter, tol=tol, num_far=num_far, update=update, impl=impl)
+    options = dict(max_iter=max_iter, tol=tol, num_far=num_far, update=update, impl=impl, spherical=spherical)
+    c, stats = _lloyd(x, w, init_array, **options)
     return KMeansCodebook(centroids=c, stats=stats)
 
 
@@ -249,7 +269,9 @@ def _sharded_axis(x) -> str | None:
 initial_centroids = jax.jit(_initial_centroids, static_argnums=(3, 4, 5))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "axis", "max_iter", "tol", "num_far", "update", "impl"))
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "axis", "max_iter", "tol", "num_far", "update", "impl", "spherical")
+)
 def _lloyd_sharded(x, w, centroids, *, mesh, axis, **options):
     """Each device runs Lloyd on its rows; the per-cluster statistics are combined with psum."""
     return jax.shard_map(
@@ -271,9 +293,12 @@ def _fit_sharded(key, x, w, init_array, axis, *, k, init, init_sample_size, **op
     return KMeansCodebook(centroids=c, stats=stats)
 
 
-def _fit_options(x, k, *, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl, batch_shape=()):
+def _fit_options(
+    x, k, *, init, max_iter, tol, sample_weight, init_sample_size, num_far, update, impl, metric, batch_shape=()
+):
     """Validates fit_kmeans's arguments; returns (weights, init array or None, static options)."""
     n, d = x.shape[-2:]
+    metric = _checks.check_metric(metric, allowed=("l2", "cos"))
     k = _checks.check_num_codes(k, n)
     max_iter = _checks.check_int(max_iter, "max_iter", low=0)
     tol = _checks.check_nonnegative_float(tol, "tol")
@@ -305,23 +330,25 @@ def _fit_options(x, k, *, init, max_iter, tol, sample_weight, init_sample_size, 
         num_far=num_far,
         update=update,
         impl=impl,
+        spherical=metric == "cos",
     )
     return w, init_array, static
 
 
 def fit_kmeans(
     key,
-    x,
+    x: Float[ArrayLike, "n d"],
     *,
     k: int,
     init="k-means++",
     max_iter: int = 100,
     tol: float = 1e-4,
-    sample_weight=None,
+    sample_weight: Float[ArrayLike, " n"] | None = None,
     init_sample_size: int | None = None,
     num_far: int | None = None,
     update: str = "auto",
     impl: str = "auto",
+    metric: Metric = "l2",
 ) -> KMeansCodebook:
     """Exact Lloyd k-means.
 
@@ -340,9 +367,13 @@ def fit_kmeans(
         num_far: farthest points tracked per pass to re-seed empty clusters; default min(k, n).
         update: centroid update, "sort" (sort-inverse), "scatter" or "auto" (backend's faster).
         impl: assignment backend for `vqlib.kernels.assign`.
+        metric: "l2", or "cos" for spherical k-means: the centroids are kept at unit length
+            (renormalised after every update, as faiss's `spherical=True`), so the nearest centroid
+            is the one of largest inner product; x is used as given (normalise it for cosines).
 
     Returns:
-        KMeansCodebook with centroids (k, d) float32 and stats (KMeansStats).
+        KMeansCodebook with centroids (k, d) float32 and stats (KMeansStats); inertia is the
+        weighted sum of squared distances to the nearest centroid in both metrics.
 
     Example:
         >>> import jax, vqlib
@@ -363,6 +394,7 @@ def fit_kmeans(
         num_far=num_far,
         update=update,
         impl=impl,
+        metric=metric,
     )
     axis = _sharded_axis(x)
     if axis is not None:
@@ -378,7 +410,7 @@ _FIT_DEFAULTS = {
 }
 
 
-def fit_kmeans_batched(key, xs, *, k: int, **options) -> KMeansCodebook:
+def fit_kmeans_batched(key, xs: Float[ArrayLike, "b n d"], *, k: int, **options) -> KMeansCodebook:
     """Many independent k-means problems in one compiled call (vmapped over the leading axis).
 
     Args:
@@ -427,22 +459,59 @@ def _check_single(cb: KMeansCodebook) -> None:
     _checks.check_rank(cb.centroids, 2, "cb.centroids", hint)
 
 
-def encode(cb: KMeansCodebook, x) -> jax.Array:
-    """(..., d) vectors -> (...) int32 index of the nearest centroid (ties: lowest index)."""
+def encode(cb: KMeansCodebook, x: Float[Array, "n d"]) -> Int[Array, " n"]:
+    """(n, d) vectors -> (n,) int32 index of the nearest centroid (ties: lowest index)."""
     _check_single(cb)
-    x = _checks.check_float_array(x, "x")
-    _checks.check_dim(x, cb.centroids.shape[-1])
-    flat = x.reshape(-1, x.shape[-1])
-    return assign_op(flat, cb.centroids)[0].reshape(x.shape[:-1])
+    return assign_op(x, cb.centroids)[0]
 
 
-def decode(cb: KMeansCodebook, codes) -> jax.Array:
-    """(...) integer codes -> (..., d) centroids."""
+def decode(cb: KMeansCodebook, codes: Int[Array, " n"]) -> Float[Array, "n d"]:
+    """(n,) codes -> (n, d) centroids."""
     _check_single(cb)
-    codes = _checks.check_codes(codes, cb.centroids.shape[0])
     return _decode(cb.centroids, codes)
 
 
 def layout(cb: KMeansCodebook) -> CodeLayout:
     """One code per vector, in [0, k)."""
     return CodeLayout(1, cb.centroids.shape[-2])
+
+
+def ip_tables(cb: KMeansCodebook, queries: Float[Array, "q d"]) -> Float[Array, "q 1 k"]:
+    return jnp.matmul(queries, cb.centroids.T, precision=_HIGHEST)[:, None, :]
+
+
+def l2_tables(cb: KMeansCodebook, queries: Float[Array, "q d"]) -> Float[Array, "q 1 k"]:
+    dots = jnp.matmul(queries, cb.centroids.T, precision=_HIGHEST)
+    norms = jnp.sum(cb.centroids * cb.centroids, axis=1)[None, :]
+    return jnp.maximum(jnp.sum(queries * queries, axis=1)[:, None] - 2.0 * dots + norms, 0.0)[:, None, :]
+
+
+def lut_weight(cb: KMeansCodebook, codes: Int[Array, " n"], shape: tuple[int, int]):
+    """VQ of groups of d weights: one shared codebook (1, k, d)."""
+    out, cols = shape
+    return lut_weight_op("vq", codes.reshape(1, out, cols // cb.centroids.shape[1]), cb.centroids[None])
+
+
+def validate(cb: KMeansCodebook) -> None:
+    _check_single(cb)
+    if cb.centroids.shape[0] < 1:
+        raise ValueError("centroids must hold at least one row")
+    if cb.stats is not None:
+        t = cb.stats.inertia.shape
+        if len(t) != 1 or cb.stats.num_iters.shape != () or not 0 <= int(cb.stats.num_iters) < t[0]:
+            raise ValueError(f"stats: inertia {t} and num_iters {int(cb.stats.num_iters)} are inconsistent")
+
+
+_protocol.register(
+    KMeansCodebook,
+    methods={"kmeans": fit_kmeans},
+    encode=encode,
+    decode=decode,
+    layout=layout,
+    dim=lambda cb: cb.centroids.shape[-1],
+    ip_tables=ip_tables,
+    l2_tables=l2_tables,
+    lut_weight=lut_weight,
+    validate=validate,
+    scalar_codes=True,
+)

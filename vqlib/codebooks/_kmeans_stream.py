@@ -6,7 +6,7 @@ chunks on every call (one call per pass). Device memory holds one chunk and the 
 statistics; every chunk is padded to `chunk_size` rows with zero weight, so one compiled
 pass serves them all.
 
-- exact (default): each pass merges the chunks' `_Pass` statistics, then makes one Lloyd
+- exact (default): each pass merges the chunks' `PassStats` statistics, then makes one Lloyd
   update: the same iterates as `fit_kmeans` on the concatenated data, up to float32
   summation order.
 - `minibatch=True`: after every chunk, each centroid moves to the running weighted mean of all
@@ -32,11 +32,11 @@ from vqlib.codebooks._kmeans import (
     INITS,
     KMeansCodebook,
     KMeansStats,
-    _merge,
-    _pass_stats,
-    _update,
     default_init_sample_size,
     initial_centroids,
+    merge_stats,
+    pass_stats,
+    update_centroids,
 )
 
 
@@ -81,14 +81,14 @@ def _reservoir(data, chunk_size: int, size: int, rng: np.random.Generator):
 
 @functools.partial(jax.jit, static_argnames=("num_far", "impl"))
 def _chunk_stats(x, w, centroids, *, num_far, impl):
-    return _pass_stats(x, w, centroids, num_far=num_far, update="auto", impl=impl)
+    return pass_stats(x, w, centroids, num_far=num_far, update="auto", impl=impl)
 
 
 @jax.jit
 def _minibatch_step(centroids, seen, p):
     """Running-mean update: each centroid becomes the mean of every point it has been given."""
     total = seen + p.counts
-    new, num_reseeded = _update(centroids, p._replace(sums=centroids * seen[:, None] + p.sums, counts=total))
+    new, num_reseeded = update_centroids(centroids, p._replace(sums=centroids * seen[:, None] + p.sums, counts=total))
     return new, total, num_reseeded
 
 
@@ -174,7 +174,7 @@ def fit_kmeans_streaming(
             if minibatch and t < max_iter:
                 centroids, seen, num_reseeded = _minibatch_step(centroids, seen, p)
                 reseeded += int(num_reseeded)
-            total = p if total is None else _merge(total, p)
+            total = p if total is None else merge_stats(total, p)
         if total is None:
             raise ValueError("data yielded no chunks; pass a non-empty array or iterable")
         _checks.check_num_codes(k, rows)
@@ -183,7 +183,7 @@ def fit_kmeans_streaming(
         if t >= max_iter or converged or history[t] <= 0:
             break
         if not minibatch:
-            centroids, num_reseeded = _update(centroids, total)
+            centroids, num_reseeded = update_centroids(centroids, total)
             reseeded += int(num_reseeded)
         t += 1
     stats = KMeansStats(inertia=jnp.asarray(history), num_iters=jnp.int32(t), num_reseeded=jnp.int32(reseeded))

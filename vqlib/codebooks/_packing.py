@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Int, Int32, UInt8
 
 from vqlib import _checks
 
@@ -28,7 +29,7 @@ def packed_width(m: int, bits: int) -> int:
     return -(-m * bits // 8)
 
 
-def pack_codes(codes, bits: int) -> jax.Array:
+def pack_codes(codes: Int[ArrayLike, "*b m"], bits: int) -> UInt8[Array, "*b w"]:
     """Packs (..., m) integer codes, each in [0, 2**bits), into (..., ceil(m * bits / 8)) uint8.
 
     Concrete codes that do not fit raise ValueError (never truncated); under jit the values
@@ -65,7 +66,7 @@ def _pack(codes, bits: int):
     return jnp.sum(stream << _positions(8, stream.ndim), axis=-1).astype(jnp.uint8)
 
 
-def unpack_codes(packed, bits: int, m: int) -> jax.Array:
+def unpack_codes(packed: UInt8[ArrayLike, "*b w"], bits: int, m: int) -> Int32[Array, "*b {m}"]:
     """Inverse of `pack_codes`: (..., ceil(m * bits / 8)) uint8 -> (..., m) int32."""
     bits = _check_bits(bits)
     m = _checks.check_int(m, "m", low=1)

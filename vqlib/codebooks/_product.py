@@ -18,14 +18,16 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass
-from vqlib.codebooks import _kmeans
-from vqlib.codebooks._hadamard import random_orthogonal
+from vqlib.codebooks import _kmeans, _protocol
+from vqlib.codebooks._hadamard import Rotation, random_orthogonal, rotate, unrotate
+from vqlib.codebooks._sampling import training_sample
 from vqlib.kernels import first_argmin
+from vqlib.kernels import lut_weight as lut_weight_op
 
-METRICS = ("l2", "ip")
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -34,12 +36,12 @@ class ProductCodebook:
     """Per-subspace centroids, with an optional rotation applied before splitting.
 
     Attributes:
-        centroids: (m, k, dsub) float32; subvector j of x @ rotation is coded by centroids[j].
-        rotation: (d, d) orthogonal float32 (OPQ) or None (plain PQ).
+        centroids: (m, k, dsub) float32; subvector j of rotate(rotation, x) is coded by centroids[j].
+        rotation: the OPQ rotation (a dense `Rotation`: x -> x R with R = factor^T) or None (plain PQ).
     """
 
     centroids: jax.Array
-    rotation: jax.Array | None = None
+    rotation: Rotation | None = None
 
 
 def _split(x, m: int):
@@ -47,19 +49,9 @@ def _split(x, m: int):
     return x.reshape(x.shape[0], m, -1).transpose(1, 0, 2)
 
 
-def _training_sample(key, x, w, k: int, max_points_per_centroid):
-    """At most k * max_points_per_centroid rows of x (and their weights), drawn uniformly."""
-    if max_points_per_centroid is None:
-        return x, w
-    size = k * _checks.check_int(max_points_per_centroid, "max_points_per_centroid", low=1)
-    if x.shape[0] <= size:
-        return x, w
-    rows = jax.random.choice(key, x.shape[0], (size,), replace=False)
-    return x[rows], None if w is None else w[rows]
-
-
-def _rotate(x, rotation):
-    return jnp.matmul(x.astype(jnp.float32), rotation, precision="highest")
+def _rotate(x, r):
+    """x R for a (d, d) matrix R (the row-vector form of OPQ's rotation)."""
+    return jnp.matmul(x.astype(jnp.float32), r, precision="highest")
 
 
 def _check_subspaces(d: int, m) -> int:
@@ -76,7 +68,7 @@ def _fit_centroids(key, x, m: int, k: int, sample_weight, **options):
 
 def fit_pq(
     key,
-    x,
+    x: Float[ArrayLike, "n d"],
     *,
     m: int,
     k: int = 256,
@@ -117,7 +109,7 @@ def fit_pq(
     k = _checks.check_num_codes(k, x.shape[0])
     w = _checks.check_sample_weight(sample_weight, x.shape[0])
     sample_key, fit_key = jax.random.split(key)
-    x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
+    x, w = training_sample(sample_key, x, w, k, max_points_per_centroid)
     centroids = _fit_centroids(fit_key, x, m, k, w, init=init, max_iter=max_iter, tol=tol, impl=impl)
     return ProductCodebook(centroids)
 
@@ -130,13 +122,13 @@ def _procrustes(x, x_hat):
 
 def fit_opq(
     key,
-    x,
+    x: Float[ArrayLike, "n d"],
     *,
     m: int,
     k: int = 256,
-    num_iters: int = 50,
-    max_iter: int = 4,
-    max_iter_first: int = 40,
+    max_iter: int = 50,
+    kmeans_iter: int = 4,
+    kmeans_iter_first: int = 40,
     init_rotation: str = "random",
     sample_weight=None,
     max_points_per_centroid: int | None = 256,
@@ -151,9 +143,9 @@ def fit_opq(
         key: PRNG key.
         x: (n, d) training vectors, d divisible by m.
         m, k: as for `fit_pq`.
-        num_iters: alternations of (PQ fit, rotation update).
-        max_iter: Lloyd iterations per PQ fit after the first; max_iter_first for the first and
-            for the last, on the final rotation.
+        max_iter: alternations of (PQ fit, rotation update).
+        kmeans_iter: Lloyd iterations per PQ fit after the first; kmeans_iter_first for the
+            first and for the last, on the final rotation.
         init_rotation: "random" (Haar, spreads the variance evenly over the subspaces) or
             "identity" (starts from plain PQ; better when the dimensions are already balanced).
         sample_weight: (n,) non-negative weights (the Procrustes step weights rows by them too).
@@ -161,42 +153,49 @@ def fit_opq(
         impl: assignment backend.
 
     Returns:
-        ProductCodebook with centroids (m, k, dsub) and rotation (d, d).
+        ProductCodebook with centroids (m, k, dsub) and a dense rotation of R^d.
 
     Example:
         >>> import jax, vqlib
         >>> x = jax.random.normal(jax.random.key(1), (2000, 16))
-        >>> cb = vqlib.fit(x, "opq", m=4, k=16, num_iters=3)
-        >>> cb.rotation.shape
+        >>> cb = vqlib.fit(x, "opq", m=4, k=16, max_iter=3)
+        >>> cb.rotation.factor.shape
         (16, 16)
     """
     x = _checks.check_float_array(x, "x", ndim=2).astype(jnp.float32)
     m = _check_subspaces(x.shape[1], m)
     k = _checks.check_num_codes(k, x.shape[0])
-    num_iters = _checks.check_int(num_iters, "num_iters", low=0)
     max_iter = _checks.check_int(max_iter, "max_iter", low=0)
+    kmeans_iter = _checks.check_int(kmeans_iter, "kmeans_iter", low=0)
+    kmeans_iter_first = _checks.check_int(kmeans_iter_first, "kmeans_iter_first", low=0)
     w = _checks.check_sample_weight(sample_weight, x.shape[0])
     sample_key, key = jax.random.split(key)
-    x, w = _training_sample(sample_key, x, w, k, max_points_per_centroid)
+    x, w = training_sample(sample_key, x, w, k, max_points_per_centroid)
     if init_rotation not in ("random", "identity"):
         raise ValueError(f"init_rotation must be 'random' or 'identity', got {init_rotation!r}")
     rotation_key, key = jax.random.split(key)
     rotation = jnp.eye(x.shape[1], dtype=jnp.float32)
     if init_rotation == "random":
         rotation = random_orthogonal(rotation_key, x.shape[1])
-    keys = jax.random.split(key, num_iters + 1)
+    keys = jax.random.split(key, max_iter + 1)
     # fixed iteration counts (tol=0), as faiss: a warm-started k-means improves by less than any
     # relative tol in its first step and would stop there (measured: MSE 8.49 with tol 1e-4, 8.35 without)
     fit = functools.partial(_fit_centroids, m=m, k=k, sample_weight=w, tol=0.0, impl=impl)
-    centroids = fit(keys[0], _rotate(x, rotation), max_iter=max_iter_first)
+    centroids = fit(keys[0], _rotate(x, rotation), max_iter=kmeans_iter_first)
     sqrt_w = jnp.ones((x.shape[0], 1), jnp.float32) if w is None else jnp.sqrt(w)[:, None]
     for key in keys[1:]:
         x_hat = _decode(centroids, _encode(centroids, _rotate(x, rotation)))
         rotation = _procrustes(sqrt_w * x, sqrt_w * x_hat)
-        centroids = fit(key, _rotate(x, rotation), init=centroids, max_iter=max_iter)
-    if num_iters:  # the rotation is final: converge the PQ on it (faiss trains a fresh PQ here)
-        centroids = fit(keys[0], _rotate(x, rotation), init=centroids, max_iter=max_iter_first)
-    return ProductCodebook(centroids, rotation)
+        centroids = fit(key, _rotate(x, rotation), init=centroids, max_iter=kmeans_iter)
+    if max_iter:  # the rotation is final: converge the PQ on it (faiss trains a fresh PQ here)
+        centroids = fit(keys[0], _rotate(x, rotation), init=centroids, max_iter=kmeans_iter_first)
+    return ProductCodebook(centroids, rotation_from_matrix(rotation))
+
+
+def rotation_from_matrix(r) -> Rotation:
+    """The dense Rotation x -> x R of an orthogonal (d, d) matrix R (OPQ's row-vector form)."""
+    r = jnp.asarray(r, jnp.float32)
+    return Rotation(jnp.ones((r.shape[0],), jnp.float32), r.T)
 
 
 @jax.jit
@@ -230,44 +229,35 @@ def _dim(cb: ProductCodebook) -> int:
     return cb.centroids.shape[0] * cb.centroids.shape[2]
 
 
-def encode(cb: ProductCodebook, x) -> jax.Array:
+def _rotated(cb: ProductCodebook, x):
+    return x.astype(jnp.float32) if cb.rotation is None else rotate(cb.rotation, x)
+
+
+def encode(cb: ProductCodebook, x: Float[Array, "n d"]) -> Int[Array, "n m"]:
     """(n, d) vectors -> (n, m) int32 codes: the nearest centroid of each (rotated) subvector."""
     _checks.check_rank(cb.centroids, 3, "cb.centroids", "; a batch of codebooks: use jax.vmap(vqlib.encode)")
-    x = _checks.check_float_array(x, "x", ndim=2)
-    _checks.check_dim(x, _dim(cb))
-    if cb.rotation is not None:
-        x = _rotate(x, cb.rotation)
-    return _encode(cb.centroids, x)
+    return _encode(cb.centroids, _rotated(cb, x))
 
 
-def decode(cb: ProductCodebook, codes) -> jax.Array:
+def decode(cb: ProductCodebook, codes: Int[Array, "n m"]) -> Float[Array, "n d"]:
     """(n, m) codes -> (n, d) float32 reconstructions (rotated back for OPQ)."""
-    m, k, _ = cb.centroids.shape
-    codes = _checks.check_codes(codes, k, width=m)
     x_hat = _decode(cb.centroids, codes)
-    if cb.rotation is not None:
-        x_hat = _rotate(x_hat, cb.rotation.T)
-    return x_hat
+    return x_hat if cb.rotation is None else unrotate(cb.rotation, x_hat)
 
 
 def layout(cb: ProductCodebook) -> CodeLayout:
     return CodeLayout(cb.centroids.shape[0], cb.centroids.shape[1])
 
 
-def adc_tables(cb: ProductCodebook, queries, *, metric: str = "l2") -> jax.Array:
-    """Queries (q, d) -> (q, m, k) tables: the distance from query i to a code row b is
-    sum_j tables[i, j, b[j]], exactly ||q_i - decode(b)||^2 ("l2") or <q_i, decode(b)> ("ip")."""
-    queries = _checks.check_float_array(queries, "queries", ndim=2)
-    _checks.check_dim(queries, _dim(cb), "queries")
-    if cb.rotation is not None:
-        queries = _rotate(queries, cb.rotation)
-    return _tables(cb.centroids, queries.astype(jnp.float32), metric=check_metric(metric))
+def ip_tables(cb: ProductCodebook, queries: Float[Array, "q d"]) -> Float[Array, "q m k"]:
+    """tables[i, j, c] = <subvector j of the rotated query i, centroids[j, c]>."""
+    return _tables(cb.centroids, _rotated(cb, queries), metric="ip")
 
 
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return metric
+def l2_tables(cb: ProductCodebook, queries: Float[Array, "q d"]) -> Float[Array, "q m k"]:
+    """tables[i, j, c] = ||subvector j of the rotated query i - centroids[j, c]||^2: the sum over j
+    is ||q - decode(code)||^2 exactly (the rotation is orthogonal)."""
+    return _tables(cb.centroids, _rotated(cb, queries), metric="l2")
 
 
 @functools.partial(jax.jit, static_argnames="metric")
@@ -278,3 +268,33 @@ def _tables(centroids, queries, *, metric: str):
         return dots
     q_norms = jnp.sum(qs * qs, axis=-1).T[:, :, None]  # (q, m, 1)
     return jnp.maximum(q_norms - 2.0 * dots + jnp.sum(centroids * centroids, axis=-1)[None], 0.0)
+
+
+def lut_weight(cb: ProductCodebook, codes: Int[Array, "n m"], shape: tuple[int, int]):
+    """PQ of weight rows (or of chunks of d columns): one codebook per column block of dsub."""
+    if cb.rotation is not None:
+        raise NotImplementedError("an OPQ codebook has no LUTWeight form: rotate the activations and use plain PQ")
+    out, cols = shape
+    m, _, dsub = cb.centroids.shape
+    return lut_weight_op("vq", codes.reshape(1, out, cols // dsub), cb.centroids)
+
+
+def validate(cb: ProductCodebook) -> None:
+    if cb.centroids.ndim != 3 or min(cb.centroids.shape) < 1:
+        raise ValueError(f"centroids must be (m, k, dsub) with every size >= 1, got {cb.centroids.shape}")
+    if cb.rotation is not None and cb.rotation.signs.shape != (_dim(cb),):
+        raise ValueError(f"rotation acts on d={cb.rotation.signs.shape[0]}, the centroids on d={_dim(cb)}")
+
+
+_protocol.register(
+    ProductCodebook,
+    methods={"pq": fit_pq, "opq": fit_opq},
+    encode=encode,
+    decode=decode,
+    layout=layout,
+    dim=_dim,
+    ip_tables=ip_tables,
+    l2_tables=l2_tables,
+    lut_weight=lut_weight,
+    validate=validate,
+)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
 from vqlib._types import CodeLayout, pytree_dataclass
+from vqlib.codebooks import _protocol
 from vqlib.codebooks._hadamard import Rotation, random_rotation, rotate, unrotate
-from vqlib.codebooks._turboquant import _columns_to_floats, _floats_to_columns
+from vqlib.codebooks._side import columns_to_floats, floats_to_columns
 
 _HIGHEST = lax.Precision.HIGHEST
 _SIDE_COLUMNS = 64  # ||r|| and <o_bar, o> as float32, one bit per column
@@ -47,7 +49,7 @@ class RaBitQCodebook:
     center: jax.Array
 
 
-def fit_rabitq(key, x, *, rotation: str = "dense") -> RaBitQCodebook:
+def fit_rabitq(key, x: Float[ArrayLike, "n d"], *, rotation: str = "dense") -> RaBitQCodebook:
     """Draws the rotation and takes the mean of x as the centre.
 
     Args:
@@ -84,13 +86,13 @@ def _encode(cb: RaBitQCodebook, x):
     d = y.shape[1]
     a = jnp.sum(jnp.abs(y), axis=1, keepdims=True) / jnp.sqrt(jnp.float32(d))
     bits = (y > 0).astype(jnp.int32)
-    return jnp.concatenate([bits, _floats_to_columns(jnp.concatenate([norms, a], 1), "float32", 1)], 1)
+    return jnp.concatenate([bits, floats_to_columns(jnp.concatenate([norms, a], 1), "float32", 1)], 1)
 
 
 def split(cb: RaBitQCodebook, codes):
     """codes -> (signs (n, d) +-1 float32, ||r|| (n,), ||r|| / a (n,)): the estimate's ingredients."""
     d = cb.center.shape[0]
-    floats = _columns_to_floats(codes[:, d:], 2, "float32", 1)
+    floats = columns_to_floats(codes[:, d:], 2, "float32", 1)
     scale = floats[:, 0] / jnp.where(floats[:, 1] > 0, floats[:, 1], 1.0)
     return (2 * codes[:, :d] - 1).astype(jnp.float32), floats[:, 0], scale
 
@@ -110,14 +112,49 @@ def residual_dots(cb: RaBitQCodebook, codes, y):
     return dots * scale[None, :]
 
 
-def encode(cb: RaBitQCodebook, x) -> jax.Array:
+def encode(cb: RaBitQCodebook, x: Float[Array, "n d"]) -> Int[Array, "n w"]:
     """(n, d) vectors -> (n, d + 64) int32 one-bit columns (signs, then ||r|| and a)."""
-    x = _checks.check_float_array(x, "x", ndim=2)
-    _checks.check_dim(x, cb.center.shape[0])
     return _encode(cb, x)
 
 
-def decode(cb: RaBitQCodebook, codes) -> jax.Array:
+def decode(cb: RaBitQCodebook, codes: Int[Array, "n w"]) -> Float[Array, "n d"]:
     """Codes -> (n, d) float32: c + ||r|| o_bar / a, whose inner products are the unbiased estimates."""
-    out = layout(cb)
-    return _decode(cb, _checks.check_codes(codes, out.num_codes, width=out.num_codebooks))
+    return _decode(cb, codes)
+
+
+@jax.jit
+def inner_product(cb: RaBitQCodebook, codes, queries):
+    """<q, c> + the unbiased estimate of <q, r>, from the codes (one rotation of the queries)."""
+    centre = jnp.matmul(queries.astype(jnp.float32), cb.center, precision=_HIGHEST)
+    return centre[:, None] + residual_dots(cb, codes, queries)
+
+
+@jax.jit
+def sq_norms(cb: RaBitQCodebook, codes):
+    """||c||^2 + ||r||^2 + 2 est<c, r>: with this, ||q||^2 - 2 inner_product + sq_norms is the
+    paper's distance estimate ||q - c||^2 + ||r||^2 - 2 est<q - c, r> (the estimate is linear in q)."""
+    norms = split(cb, codes)[1]
+    across = residual_dots(cb, codes, cb.center[None, :])[0]
+    return jnp.sum(cb.center * cb.center) + norms * norms + 2.0 * across
+
+
+def validate(cb: RaBitQCodebook) -> None:
+    d = cb.center.shape
+    if len(d) != 1 or d[0] < 2 or cb.rotation.signs.shape != d:
+        raise ValueError(
+            f"center must be (d,) with d >= 2 and the rotation act on d, got {d} and {cb.rotation.signs.shape}"
+        )
+
+
+_protocol.register(
+    RaBitQCodebook,
+    methods={"rabitq": fit_rabitq},
+    encode=encode,
+    decode=decode,
+    layout=layout,
+    dim=lambda cb: cb.center.shape[0],
+    inner_product=inner_product,
+    sq_norms=sq_norms,
+    validate=validate,
+    cos_as_l2=True,
+)

@@ -6,23 +6,23 @@ exported here; a backend's own module (its function with the `block=` tuning kno
 `BlockSizes`) is reached with `backend(op, impl)`, imported on first use.
 """
 
-from vqlib.kernels._adc_topk._dispatch import BACKENDS as _ADC_TOPK_BACKENDS
-from vqlib.kernels._adc_topk._dispatch import adc_topk as adc_topk
+from vqlib.kernels._adc_topk.dispatch import BACKENDS as _ADC_TOPK_BACKENDS
+from vqlib.kernels._adc_topk.dispatch import adc_topk as adc_topk
+from vqlib.kernels._adc_topk.reference import adc_scores as adc_scores
 from vqlib.kernels._adc_topk.reference import adc_topk_reference as adc_topk_reference
-from vqlib.kernels._adc_topk.reference import scores as adc_scores
 from vqlib.kernels._argmin import first_argmin as first_argmin
-from vqlib.kernels._assign._dispatch import BACKENDS as _ASSIGN_BACKENDS
-from vqlib.kernels._assign._dispatch import assign as assign
-from vqlib.kernels._assign._dispatch import check_impl as check_impl
+from vqlib.kernels._assign.dispatch import BACKENDS as _ASSIGN_BACKENDS
+from vqlib.kernels._assign.dispatch import assign as assign
+from vqlib.kernels._assign.dispatch import check_impl as check_impl
 from vqlib.kernels._assign.reference import assign_reference as assign_reference
 from vqlib.kernels._dispatch import Impl as Impl
-from vqlib.kernels._lut_matmul._dispatch import BACKENDS as _LUT_MATMUL_BACKENDS
-from vqlib.kernels._lut_matmul._dispatch import lut_matmul as lut_matmul
-from vqlib.kernels._lut_matmul._weight import KINDS as LUT_KINDS
-from vqlib.kernels._lut_matmul._weight import LUTWeight as LUTWeight
-from vqlib.kernels._lut_matmul._weight import dequantize as dequantize
-from vqlib.kernels._lut_matmul._weight import lut_weight as lut_weight
+from vqlib.kernels._lut_matmul.dispatch import BACKENDS as _LUT_MATMUL_BACKENDS
+from vqlib.kernels._lut_matmul.dispatch import lut_matmul as lut_matmul
 from vqlib.kernels._lut_matmul.reference import lut_matmul_reference as lut_matmul_reference
+from vqlib.kernels._lut_matmul.weight import LUT_KINDS as LUT_KINDS
+from vqlib.kernels._lut_matmul.weight import LUTWeight as LUTWeight
+from vqlib.kernels._lut_matmul.weight import dequantize as dequantize
+from vqlib.kernels._lut_matmul.weight import lut_weight as lut_weight
 
 BACKENDS = {"assign": _ASSIGN_BACKENDS, "adc_topk": _ADC_TOPK_BACKENDS, "lut_matmul": _LUT_MATMUL_BACKENDS}
 

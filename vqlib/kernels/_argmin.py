@@ -11,11 +11,11 @@ A single variadic reduction over (value, index) pairs reads each value once.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int32
 
 
-def first_argmin(scores: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def first_argmin(scores: Float[ArrayLike, "..."], axis: int = -1) -> tuple[Float[Array, "..."], Int32[Array, "..."]]:
     """(minimum, lowest index attaining it) of float `scores` along `axis`; the index is int32.
 
     Example:

@@ -39,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib import _checks
 from vqlib._types import pytree_dataclass
@@ -88,12 +89,12 @@ class EMACodebook:
     weight: jax.Array
 
 
-def ema_init(codebook) -> EMACodebook:
+def ema_init(codebook: Float[ArrayLike, "k d"]) -> EMACodebook:
     """An EMA state that has seen no data: the given codes, zero counts, sums and weight.
 
     Example:
         >>> import jax.numpy as jnp, vqlib
-        >>> vqlib.codebooks.ema_init(jnp.zeros((4, 2))).counts.tolist()
+        >>> vqlib.nn.ema_init(jnp.zeros((4, 2))).counts.tolist()
         [0.0, 0.0, 0.0, 0.0]
     """
     codebook = _checks.check_float_array(codebook, "codebook", ndim=2).astype(jnp.float32)
@@ -122,7 +123,13 @@ def _usage(codes, k: int):
     return usage, jnp.exp(entropy)
 
 
-def vector_quantize(z, codebook, *, commitment_cost: float = 0.25, rotation_trick: bool = False):
+def vector_quantize(
+    z: Float[ArrayLike, "*b d"],
+    codebook: Float[ArrayLike, "k d"],
+    *,
+    commitment_cost: float = 0.25,
+    rotation_trick: bool = False,
+):
     """Nearest-code quantization with a gradient past the argmin, its losses and usage statistics.
 
     Args:
@@ -141,7 +148,7 @@ def vector_quantize(z, codebook, *, commitment_cost: float = 0.25, rotation_tric
     Example:
         >>> import jax.numpy as jnp, vqlib
         >>> z = jnp.array([[0.9, 0.1], [0.0, 2.2]])
-        >>> out, codes, stats = vqlib.codebooks.vector_quantize(z, jnp.array([[1.0, 0.0], [0.0, 2.0]]))
+        >>> out, codes, stats = vqlib.nn.vector_quantize(z, jnp.array([[1.0, 0.0], [0.0, 2.0]]))
         >>> codes.tolist(), out.tolist(), round(float(stats.commitment_loss), 4)
         ([0, 1], [[1.0, 0.0], [0.0, 2.0]], 0.015)
     """
@@ -176,7 +183,9 @@ def _vector_quantize(z, codebook, commitment_cost, *, rotation_trick: bool):
     return out, codes, stats
 
 
-def ema_update(state: EMACodebook, z, codes, *, decay: float = 0.99) -> EMACodebook:
+def ema_update(
+    state: EMACodebook, z: Float[ArrayLike, "*b d"], codes: Int[ArrayLike, "*b"], *, decay: float = 0.99
+) -> EMACodebook:
     """One EMA step of the codebook on a batch and its codes (from `vector_quantize`).
 
     Args:
@@ -190,9 +199,9 @@ def ema_update(state: EMACodebook, z, codes, *, decay: float = 0.99) -> EMACodeb
 
     Example:
         >>> import jax.numpy as jnp, vqlib
-        >>> state = vqlib.codebooks.ema_init(jnp.array([[0.0], [5.0]]))
+        >>> state = vqlib.nn.ema_init(jnp.array([[0.0], [5.0]]))
         >>> z = jnp.array([[1.0], [2.0], [6.0]])
-        >>> vqlib.codebooks.ema_update(state, z, jnp.array([0, 0, 1])).codebook.ravel().tolist()
+        >>> vqlib.nn.ema_update(state, z, jnp.array([0, 0, 1])).codebook.ravel().tolist()
         [1.5, 6.0]
     """
     z = _checks.check_float_array(z, "z", ndim=2)
@@ -218,7 +227,9 @@ def _ema_update(state: EMACodebook, z, codes, decay):
     return EMACodebook(codebook, counts, sums, decay * state.weight + (1.0 - decay))
 
 
-def restart_dead_codes(state: EMACodebook, z, *, threshold: float) -> tuple[EMACodebook, jax.Array]:
+def restart_dead_codes(
+    state: EMACodebook, z: Float[ArrayLike, "*b d"], *, threshold: float
+) -> tuple[EMACodebook, Int[Array, ""]]:
     """Moves codes used by fewer than `threshold` batch vectors on average to badly coded batch vectors.
 
     A code is dead when counts / weight < threshold. The j-th dead code (index order) takes the
@@ -236,10 +247,10 @@ def restart_dead_codes(state: EMACodebook, z, *, threshold: float) -> tuple[EMAC
 
     Example:
         >>> import jax.numpy as jnp, vqlib
-        >>> state = vqlib.codebooks.ema_init(jnp.array([[0.0], [100.0]]))
+        >>> state = vqlib.nn.ema_init(jnp.array([[0.0], [100.0]]))
         >>> z = jnp.array([[0.0], [1.0], [3.0]])
-        >>> state = vqlib.codebooks.ema_update(state, z, jnp.array([0, 0, 0]))
-        >>> state, num = vqlib.codebooks.restart_dead_codes(state, z, threshold=0.5)
+        >>> state = vqlib.nn.ema_update(state, z, jnp.array([0, 0, 0]))
+        >>> state, num = vqlib.nn.restart_dead_codes(state, z, threshold=0.5)
         >>> state.codebook.ravel().tolist(), int(num)
         ([1.3333333730697632, 3.0], 1)
     """

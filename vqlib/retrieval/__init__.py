@@ -1,4 +1,5 @@
-"""ANN indexes built from vqlib codebooks: Flat, IVF-Flat, IVF-PQ (OPQ), PQ fast-scan, TurboQuant.
+"""ANN indexes built from any registered codebook: Flat, IVF-Flat, IVF-PQ (OPQ), fast-scan,
+IVF-RVQ / AQ, TurboQuant, RaBitQ, ...
 
 `build` / `add` / `delete` / `compact` return new immutable indexes; `search` is jit-compiled
 and batched over queries; `shard` splits an index over a device mesh; `vqlib.save` /

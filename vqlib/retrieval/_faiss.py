@@ -1,22 +1,30 @@
-"""faiss interop: import a trained faiss index (codebooks and lists) and export back.
+"""faiss interop: import a trained faiss index (quantizers and lists) and export back.
 
-Supported both ways: IndexFlatL2 / IndexFlatIP ("flat"), IndexIVFFlat ("ivfflat"), IndexPQ
-("pq"), IndexIVFPQ with by_residual ("ivfpq"), and either PQ wrapped in an IndexPreTransform
-with an OPQMatrix (OPQ). Exported PQ kinds with 4-bit codes become faiss's fast-scan indexes
-("pqfs" -> IndexPQFastScan, "ivfpqfs" -> IndexIVFPQFastScan). Ids travel with the vectors
-(flat and PQ indexes are wrapped in IndexIDMap2 on export). "tq" has no faiss counterpart and
-"rabitq" is not exported (faiss's IndexRaBitQ stores its factors differently), and
-faiss has no cosine metric: a "cos" index exports as inner product over its unit vectors, so
-normalise the queries before searching it in faiss.
+faiss types map to codebooks, both ways: IndexFlatL2 / IndexFlatIP and IndexIVFFlat hold raw
+vectors (no codebook); IndexPQ and IndexIVFPQ (by_residual) a `ProductCodebook`, with its OPQ
+rotation when the index sits behind an IndexPreTransform with one OPQMatrix. An exported PQ
+index with `fast_scan` becomes IndexPQFastScan / IndexIVFPQFastScan. Ids travel with the vectors
+(flat and PQ indexes are wrapped in IndexIDMap2 on export). Other codebooks (RVQ, AQ, TurboQuant,
+RaBitQ, ...) have no faiss form here: export refuses them. faiss has no cosine metric: a "cos"
+index exports as inner product over its unit vectors, so normalise the queries before searching
+it in faiss.
+
+vqlib probes lists by L2 distance to the coarse centroids. An IVF index whose coarse quantizer
+ranks by inner product is imported only when its centroids have unit length (then both rankings
+agree); IVF fast-scan with "ip" / "cos" is not exported, because faiss's IndexIVFPQFastScan takes
+each list's inner-product offset from its coarse quantizer's L2 distances.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
-from vqlib.codebooks._product import ProductCodebook
-from vqlib.retrieval._index import Index, block_layout, row_lists, take_rows
+from vqlib.codebooks import ProductCodebook, Rotation, code_layout, rotate
+from vqlib.retrieval._index import Index, empty_index
+from vqlib.retrieval._lists import block_layout, row_lists, take_rows
 
 
 def _faiss():
@@ -55,21 +63,33 @@ def _lists(faiss, ivf):
     return np.concatenate(codes), np.concatenate(ids), np.concatenate(lists)
 
 
-def _assemble(kind, metric, centroids, codebook, data, ids, lists, nbits) -> Index:
+def _assemble(metric, centroids, codebook, data, ids, lists, fast_scan=False) -> Index:
+    empty = empty_index(
+        jnp.asarray(centroids, jnp.float32), codebook, metric, fast_scan, False, "flat" if codebook is None else "pq"
+    )
     source, offsets = block_layout(lists, centroids.shape[0])
     live = np.ones(len(ids), bool)
-    return Index(
-        centroids=jnp.asarray(centroids, jnp.float32),
-        codebook=codebook,
+    return dataclasses.replace(
+        empty,
         data=jnp.asarray(take_rows(data, source)),
         offsets=jnp.asarray(offsets),
         ids=take_rows(ids, source, -1),
         live=jnp.asarray(take_rows(live, source, False)),
-        vectors=None,
-        kind=kind,
-        metric=metric,
-        nbits=nbits,
     )
+
+
+def _coarse_centroids(faiss, index) -> np.ndarray:
+    """The IVF centroids; a coarse quantizer ranking by inner product must have unit centroids."""
+    centroids = index.quantizer.reconstruct_n(0, index.nlist)
+    if index.quantizer.metric_type != faiss.METRIC_L2:
+        norms = np.linalg.norm(centroids, axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-4):
+            raise ValueError(
+                "the faiss index's coarse quantizer ranks lists by inner product and its centroids are not "
+                f"unit vectors (norms {norms.min():.3g} to {norms.max():.3g}); vqlib probes by L2 distance, which "
+                "ranks lists differently: rebuild the faiss index with an IndexFlatL2 quantizer"
+            )
+    return centroids
 
 
 def from_faiss(index) -> Index:
@@ -90,7 +110,8 @@ def from_faiss(index) -> Index:
         ):
             raise ValueError("only an IndexPreTransform with a single OPQMatrix can be imported")
         opq = faiss.downcast_VectorTransform(index.chain.at(0))
-        rotation = jnp.asarray(faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in).T)
+        a = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in)  # y = A x
+        rotation = Rotation(jnp.ones((opq.d_in,), jnp.float32), jnp.asarray(a, jnp.float32))
         index = faiss.downcast_index(index.index)
     ids = None
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
@@ -105,23 +126,23 @@ def from_faiss(index) -> Index:
         raise ValueError("an OPQ transform can be imported in front of IndexPQ or IndexIVFPQ only")
     if isinstance(index, faiss.IndexFlat):
         vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, d), np.float32)
-        return _assemble("flat", metric, zero, None, vectors, ids, np.zeros(len(ids), np.int64), 0)
+        return _assemble(metric, zero, None, vectors, ids, np.zeros(len(ids), np.int64))
     if isinstance(index, faiss.IndexPQ):
         pq = index.pq
         codebook = ProductCodebook(jnp.asarray(_pq_centroids(faiss, pq)), rotation)
         codes = faiss.vector_to_array(index.codes).reshape(index.ntotal, pq.code_size)
-        return _assemble("pq", metric, zero, codebook, codes, ids, np.zeros(len(ids), np.int64), pq.nbits)
+        return _assemble(metric, zero, codebook, codes, ids, np.zeros(len(ids), np.int64))
     if isinstance(index, (faiss.IndexIVFFlat, faiss.IndexIVFPQ)):
-        centroids = index.quantizer.reconstruct_n(0, index.nlist)
+        centroids = _coarse_centroids(faiss, index)
         codes, list_ids, lists = _lists(faiss, index)
         if isinstance(index, faiss.IndexIVFFlat):
-            return _assemble("ivfflat", metric, centroids, None, codes.view(np.float32), list_ids, lists, 0)
+            return _assemble(metric, centroids, None, codes.view(np.float32), list_ids, lists)
         if not index.by_residual:
             raise ValueError("IndexIVFPQ with by_residual=False is not supported; vqlib codes residuals")
         codebook = ProductCodebook(jnp.asarray(_pq_centroids(faiss, index.pq)), rotation)
         if rotation is not None:  # faiss rotates before the coarse quantizer: c = c' R^T
-            centroids = np.asarray(centroids @ np.asarray(rotation).T, np.float32)
-        return _assemble("ivfpq", metric, centroids, codebook, codes, list_ids, lists, index.pq.nbits)
+            centroids = np.asarray(centroids @ np.asarray(rotation.factor), np.float32)
+        return _assemble(metric, centroids, codebook, codes, list_ids, lists)
     raise ValueError(
         f"cannot import a faiss {type(index).__name__}; supported: IndexFlat, IndexIVFFlat, IndexPQ, "
         "IndexIVFPQ (optionally behind IndexIDMap or an OPQMatrix)"
@@ -141,16 +162,24 @@ def to_faiss(index: Index):
     faiss = _faiss()
     if not isinstance(index, Index):
         raise TypeError(f"index must be a vqlib.retrieval.Index, got {type(index).__name__}")
-    if index.kind in ("tq", "rabitq"):
-        raise ValueError(f"a {index.kind!r} index cannot be exported to faiss; export a flat, ivfflat or PQ kind")
+    cb = index.codebook
+    if cb is not None and not isinstance(cb, ProductCodebook):
+        raise ValueError(
+            f"an index of {type(cb).__name__} codes cannot be exported to faiss; export raw vectors or PQ codes"
+        )
+    if index.fast_scan and index.nlist > 1 and index.metric != "l2":
+        raise ValueError(
+            "faiss's IndexIVFPQFastScan scores inner products with its coarse quantizer's L2 distances as the list "
+            "offsets, so an exported ivf fast-scan index with metric ip / cos would return wrong neighbours; "
+            "build it with fast_scan=False to export it as an IndexIVFPQ"
+        )
     d = index.dim
     metric = faiss.METRIC_L2 if index.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     keep = np.flatnonzero(np.asarray(index.live))
     data, ids = np.asarray(index.data)[keep], index.ids[keep]
     lists = np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep]
-    cb = index.codebook
-    if index.kind in ("flat", "ivfflat"):
-        if index.kind == "flat":
+    if cb is None:
+        if index.nlist == 1:
             out = faiss.IndexFlat(d, metric)
             wrapped = _with_ids(faiss, out, ids)
             out.add(data)
@@ -158,17 +187,18 @@ def to_faiss(index: Index):
         out = faiss.IndexIVFFlat(_coarse(faiss, index), d, index.nlist, metric)
     else:
         m, k, _ = cb.centroids.shape
-        if index.kind in ("pq", "pqfs"):
-            out = faiss.IndexPQ(d, m, index.nbits, metric)
+        nbits = code_layout(cb).bits
+        if index.nlist == 1:
+            out = faiss.IndexPQ(d, m, nbits, metric)
         else:
-            out = faiss.IndexIVFPQ(_coarse(faiss, index), d, index.nlist, m, index.nbits, metric)
+            out = faiss.IndexIVFPQ(_coarse(faiss, index), d, index.nlist, m, nbits, metric)
             out.by_residual = True
         faiss.copy_array_to_vector(np.asarray(cb.centroids, np.float32).ravel(), out.pq.centroids)
         out.is_trained = True
-        if index.kind in ("pq", "pqfs"):
+        if index.nlist == 1:
             faiss.copy_array_to_vector(data.ravel(), out.codes)
             out.ntotal = len(keep)
-            if index.kind == "pqfs":
+            if index.fast_scan:
                 fast = faiss.IndexPQFastScan(out)
                 fast.__dict__["_vqlib_inner"] = out
                 out = fast
@@ -185,7 +215,7 @@ def to_faiss(index: Index):
         list_codes = np.ascontiguousarray(data[rows]).view(np.uint8)
         out.invlists.add_entries(int(lst), rows.size, faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
     out.ntotal = len(keep)
-    if index.kind == "ivfpqfs":
+    if index.fast_scan:
         fast = faiss.IndexIVFPQFastScan(out)
         fast.__dict__["_vqlib_inner"] = out
         out = fast
@@ -196,7 +226,7 @@ def _coarse(faiss, index: Index):
     """faiss's coarse quantizer; behind an OPQ transform it sees rotated vectors: c' = c R."""
     centroids = np.asarray(index.centroids, np.float32)
     if index.codebook is not None and index.codebook.rotation is not None:
-        centroids = centroids @ np.asarray(index.codebook.rotation, np.float32)
+        centroids = np.asarray(rotate(index.codebook.rotation, centroids), np.float32)
     quantizer = faiss.IndexFlatL2(index.dim)
     quantizer.add(np.ascontiguousarray(centroids))
     return quantizer
@@ -224,9 +254,9 @@ def _set_ids(faiss, wrapped, ids: np.ndarray):
 def _with_opq(faiss, out, cb):
     if cb is None or cb.rotation is None:
         return out
-    d = cb.rotation.shape[0]
+    d = cb.rotation.factor.shape[0]
     opq = faiss.OPQMatrix(d, cb.centroids.shape[0])
-    faiss.copy_array_to_vector(np.asarray(cb.rotation, np.float32).T.ravel(), opq.A)
+    faiss.copy_array_to_vector(np.asarray(cb.rotation.factor, np.float32).ravel(), opq.A)
     opq.is_trained = True
     opq.is_orthonormal = True
     wrapped = faiss.IndexPreTransform(opq, out)

@@ -1,88 +1,103 @@
-"""ANN indexes as immutable pytrees: build, add, delete, compact.
+"""ANN indexes as immutable pytrees: coarse centroids plus any registered codebook.
 
 Every index is an inverted file: `nlist` coarse centroids and, for each list, a contiguous run
-of rows (CSR layout: list l holds rows offsets[l]:offsets[l + 1]). The flat kinds are the case
-nlist = 1 with a zero centroid, so one search path serves all of them. A row stores either the
-raw vector ("flat", "ivfflat") or the packed code of the vector's residual from its list's
-centroid ("pq", "ivfpq", "pqfs", "ivfpqfs"), or a data-oblivious TurboQuant code ("tq") or
-RaBitQ sign code ("rabitq"); these two are flat kinds, read by an unbiased inner-product estimate.
+of rows (see `_lists`). A row holds either the raw vector (no codebook: "flat", "ivfflat") or the
+packed code of the vector's residual from its list's centroid, by any codebook registered with
+`vqlib.codebooks.register` (PQ, OPQ, RVQ, AQ, TurboQuant, QJL, RaBitQ, E8P, or a user's own). The
+flat indexes are the case nlist = 1 with a zero centroid, so one search path serves all of them.
+How rows are scored follows from what the codebook offers (`_scoring`): lookup tables (PQ, RVQ,
+AQ, ...; `fast_scan=True` rounds them to 8-bit integers as faiss's fast-scan does), else its
+inner-product estimator (TurboQuant, QJL, RaBitQ).
 
-| kind | codes | search | faiss peer |
-|---|---|---|---|
-| flat | float32 vector | exact | IndexFlat |
-| ivfflat | float32 vector | exact within the probed lists | IndexIVFFlat |
-| pq / ivfpq | m codes of `nbits` (OPQ optional) | ADC, float tables | IndexPQ / IndexIVFPQ |
-| pqfs / ivfpqfs | m 4-bit codes, 2 per byte | ADC, tables rounded to uint8 | IndexPQFastScan / IndexIVFPQFastScan |
-| tq | TurboQuant-prod (bits >= 2) or QJL signs (bits = 1) | unbiased inner-product estimate | - |
-| rabitq | RaBitQ: d sign bits + two float32 | unbiased inner-product estimate | IndexRaBitQ |
+`build(x, method, nlist=..., **options)` takes a method name of `vqlib.fit` (the options go to
+its fit) or one of the shorthands in KINDS, which faiss users know:
 
-Any kind may keep the raw vectors (`keep_vectors=True`) so `search(..., rerank=R)` re-scores
+| kind | method | faiss peer |
+|---|---|---|
+| flat / ivfflat | raw float32 vectors | IndexFlat / IndexIVFFlat |
+| pq / ivfpq | "pq", m codes of k = 2**bits (8 by default) | IndexPQ / IndexIVFPQ |
+| pqfs / ivfpqfs | "pq" with k = 16, fast_scan=True | IndexPQFastScan / IndexIVFPQFastScan |
+| tq | "turboquant_prod" (bits >= 2) or "qjl" (bits = 1), float32 norms | - |
+| rabitq | "rabitq" | IndexRaBitQ |
+
+Any index may keep the raw vectors (`keep_vectors=True`) so `search(..., rerank=R)` re-scores
 its R best candidates exactly (faiss's IndexRefineFlat).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Float, Int
 
 from vqlib import _checks
-from vqlib._fit import code_layout as vqlib_layout
 from vqlib._progress import progress as progress_bar
-from vqlib._types import pytree_dataclass, static_field
-from vqlib.codebooks import _kmeans, _packing, _product, _rabitq, _turboquant
+from vqlib._types import VALIDATORS, Metric, pytree_dataclass, static_field
+from vqlib.codebooks import (
+    code_layout,
+    codebook_type,
+    fit,
+    fit_kmeans,
+    has_tables,
+    methods,
+    pack_codes,
+    table_bias,
+    unpack_codes,
+    validate_codebook,
+)
 from vqlib.kernels import assign
+from vqlib.retrieval._lists import BLOCK, block_layout, row_lists, take_rows
 
-KINDS = ("flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq", "rabitq")
-METRICS = ("l2", "ip", "cos")
-_CODEC = {
-    "flat": "raw",
-    "ivfflat": "raw",
-    "pq": "pq",
-    "ivfpq": "pq",
-    "pqfs": "pqfs",
-    "ivfpqfs": "pqfs",
-    "tq": "tq",
-    "rabitq": "rabitq",
+# shorthand -> (method, inverted lists, options the shorthand implies)
+KINDS: dict[str, tuple[str, bool, dict]] = {
+    "flat": ("flat", False, {}),
+    "ivfflat": ("flat", True, {}),
+    "pq": ("pq", False, {}),
+    "ivfpq": ("pq", True, {}),
+    "pqfs": ("pq", False, dict(k=16, fast_scan=True)),
+    "ivfpqfs": ("pq", True, dict(k=16, fast_scan=True)),
+    "tq": ("turboquant_prod", False, dict(norm_dtype="float32")),
+    "rabitq": ("rabitq", False, {}),
 }
 _ENCODE_CHUNK = 65536  # rows encoded per step of a build (progress bar granularity)
-BLOCK = 64  # lists start on multiples of BLOCK rows, so a search reads whole blocks
 
 
 @pytree_dataclass
 class Index:
-    """An ANN index; see the module docstring for the kinds.
+    """An ANN index; see the module docstring.
 
     Attributes:
-        centroids: (nlist, d) float32 coarse centroids; one zero row for the flat kinds.
-        codebook: ProductCodebook (pq kinds), a TurboQuant/QJL codebook ("tq"), a RaBitQCodebook
-            ("rabitq") or None (raw kinds).
-        data: (n, w) rows grouped by list: float32 vectors (raw kinds) or packed uint8 codes.
+        centroids: (nlist, d) float32 coarse centroids; one zero row for the flat indexes.
+        codebook: the codebook of the rows (of x - centroid of its list), or None for raw rows.
+        data: (n, w) rows grouped by list: float32 vectors (no codebook) or packed uint8 codes.
+        bias: (n,) float32 per-row term of the table scores (||x_hat||^2 for codebooks whose L2
+            tables need it, e.g. RVQ and AQ), or None.
         offsets: (nlist + 1,) int32, multiples of BLOCK; list l holds rows offsets[l]:offsets[l + 1],
             its vectors first, then padding rows up to the next block.
         ids: (n,) int64 numpy array of user ids, one per row, -1 on padding rows (kept on the
             host: JAX is 32-bit).
         live: (n,) bool; False on padding rows and on deleted rows until `compact` drops them.
         vectors: (n, d) float32 raw vectors for exact re-ranking, or None.
-        kind: one of KINDS.
         metric: "l2" (squared distances, ascending), "ip" or "cos" (similarities, descending).
             "cos" stores and searches unit vectors.
-        nbits: bits per packed code column (PQ kinds; "tq", "rabitq"), 0 for raw kinds.
+        fast_scan: table scores rounded to 8-bit integers per query (codebooks of 16 codes).
+        method: the `vqlib.fit` method that trained the codebook ("flat" without one), for display.
     """
 
     centroids: jax.Array
     codebook: object
     data: jax.Array
+    bias: jax.Array | None
     offsets: jax.Array
     ids: np.ndarray
     live: jax.Array
     vectors: jax.Array | None
-    kind: str = static_field()
-    metric: str = static_field()
-    nbits: int = static_field(0)
+    metric: str = static_field("l2")
+    fast_scan: bool = static_field(False)
+    method: str = static_field("flat")
 
     @property
     def ntotal(self) -> int:
@@ -97,38 +112,41 @@ class Index:
     def dim(self) -> int:
         return self.centroids.shape[1]
 
-
-def codec(kind: str) -> str:
-    return _CODEC[kind]
+    @property
+    def kind(self) -> str:
+        """A faiss-like name: "ivf" for inverted lists, the method, "fs" for fast-scan (e.g. "ivfpqfs")."""
+        return ("ivf" if self.nlist > 1 else "") + self.method + ("fs" if self.fast_scan else "")
 
 
 def code_width(index: Index) -> int:
-    """Codes per row (m for PQ kinds, the codebook's columns for "tq" / "rabitq"), 0 for raw rows."""
-    if codec(index.kind) == "raw":
-        return 0
-    if codec(index.kind) in ("tq", "rabitq"):
-        return vqlib_layout(index.codebook).num_codebooks
-    return index.codebook.centroids.shape[0]
+    """Codes per row (the codebook's code columns), 0 for raw rows."""
+    return 0 if index.codebook is None else code_layout(index.codebook).num_codebooks
+
+
+def pack_bits(index: Index) -> int:
+    """Bits each code column is packed at, 0 for raw rows."""
+    return 0 if index.codebook is None else code_layout(index.codebook).bits
+
+
+def row_codes(index: Index, data):
+    """Packed rows (n, bytes) -> (n, w) int32 codes of `index`'s codebook."""
+    return unpack_codes(data, pack_bits(index), code_width(index))
 
 
 def bytes_per_vector(index: Index) -> int:
-    """Bytes one row of `data` takes (the figure ANN comparisons hold equal); re-ranking vectors excluded."""
-    return index.data.shape[1] * index.data.dtype.itemsize
+    """Bytes one row takes: its code (or vector) and its bias, if any (the figure ANN comparisons
+    hold equal); re-ranking vectors excluded."""
+    extra = 0 if index.bias is None else index.bias.dtype.itemsize
+    return index.data.shape[1] * index.data.dtype.itemsize + extra
 
 
 def check_kind(kind) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in KINDS and kind not in methods():
+        raise ValueError(f"kind must be one of {sorted(KINDS)} or a vqlib.fit method {list(methods())}, got {kind!r}")
     return kind
 
 
-def check_metric(metric) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return metric
-
-
-def _prepare(x, metric: str, name: str = "x"):
+def prepare(x, metric: str, name: str = "x"):
     """Validated float32 (n, d) vectors; unit rows for "cos" (a zero row is refused)."""
     x = _checks.check_float_array(x, name, ndim=2).astype(jnp.float32)
     if metric == "cos":
@@ -163,64 +181,48 @@ def _check_ids(ids, n: int, existing: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- encoding
 
 
+def stores_bias(codebook, metric: str) -> bool:
+    """Whether rows carry a bias: table scoring in the L2 form by a codebook whose L2 tables need
+    ||x_hat||^2 added (see `vqlib.codebooks.table_bias`)."""
+    if codebook is None or not has_tables(codebook):
+        return False
+    l2_form = metric == "l2" or (metric == "cos" and codebook_type(codebook).cos_as_l2)
+    return l2_form and codebook_type(codebook).l2_tables is None
+
+
 def _assign_lists(centroids, x):
     """(n, d) -> (n,) int32 nearest coarse centroid (L2, as faiss's IVF quantizer for every metric)."""
+    if centroids.shape[0] == 1:
+        return jnp.zeros(x.shape[0], jnp.int32)
     return assign(x, centroids)[0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "nbits"))
-def _encode_rows(centroids, codebook, x, lists, *, kind: str, nbits: int):
-    """(n, d) vectors in lists -> (n, w) rows of `data`."""
-    if codec(kind) == "raw":
-        return x
-    if codec(kind) == "tq":
-        codes = _turboquant._encode(codebook, x)
-    elif codec(kind) == "rabitq":
-        codes = _rabitq._encode(codebook, x)
-    else:
-        codes = _product.encode(codebook, x - centroids[lists])
-    return _packing._pack(codes, nbits)
+def _encode_rows(index: Index, x, lists):
+    """(n, d) vectors in lists -> ((n, w) rows of `data`, (n,) bias or None)."""
+    if index.codebook is None:
+        return x, None
+    t = codebook_type(index.codebook)
+    codes = t.encode(index.codebook, x - index.centroids[lists])
+    codes = codes[:, None] if t.scalar_codes else codes
+    bias = table_bias(index.codebook, codes) if index.bias is not None else None
+    return pack_codes(codes, pack_bits(index)), bias
 
 
-def _encode_all(index_parts, x, *, kind: str, nbits: int, show: bool):
-    """Lists and rows for x, in chunks (bounded memory, a progress bar when `show`)."""
-    centroids, codebook = index_parts
-    lists, rows = [], []
+def _encode_all(index: Index, x, *, show: bool):
+    """Lists, rows and biases for x, in chunks (bounded memory, a progress bar when `show`)."""
+    lists, rows, biases = [], [], []
     chunks = range(0, x.shape[0], _ENCODE_CHUNK)
     for start in progress_bar(chunks, total=len(chunks), desc="encoding", enabled=show):
         part = x[start : start + _ENCODE_CHUNK]
-        ls = _assign_lists(centroids, part) if centroids.shape[0] > 1 else jnp.zeros(part.shape[0], jnp.int32)
-        lists.append(ls)
-        rows.append(_encode_rows(centroids, codebook, part, ls, kind=kind, nbits=nbits))
-    return jnp.concatenate(lists), jnp.concatenate(rows)
-
-
-def block_layout(lists: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows grouped by list, each list starting on a multiple of BLOCK rows.
-
-    Returns (source (n_padded,) int64: the input row each stored row comes from, -1 for
-    padding; offsets (nlist + 1,) int32). Stable: rows keep their order within a list.
-    """
-    counts = np.bincount(lists, minlength=nlist)
-    padded = -(-counts // BLOCK) * BLOCK
-    offsets = np.concatenate([[0], np.cumsum(padded)]).astype(np.int32)
-    source = np.full(int(offsets[-1]), -1, np.int64)
-    order = np.argsort(lists, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    within = np.arange(lists.size) - np.repeat(starts, counts)
-    source[np.repeat(offsets[:-1], counts) + within] = order
-    return source, offsets
-
-
-def take_rows(column, source: np.ndarray, fill=0):
-    """column[source], with `fill` where source is -1 (numpy or JAX column)."""
-    if column is None:
-        return None
-    if isinstance(column, np.ndarray):
-        return np.where((source >= 0).reshape(-1, *[1] * (column.ndim - 1)), column[np.maximum(source, 0)], fill)
-    rows = jnp.asarray(np.maximum(source, 0))
-    keep = jnp.asarray(source >= 0).reshape(-1, *[1] * (column.ndim - 1))
-    return jnp.where(keep, column[rows], jnp.asarray(fill, column.dtype))
+        part_lists = _assign_lists(index.centroids, part)
+        part_rows, part_bias = _encode_rows(index, part, part_lists)
+        lists.append(part_lists)
+        rows.append(part_rows)
+        biases.append(part_bias)
+    bias = None if index.bias is None else jnp.concatenate(biases)
+    if not rows:
+        return jnp.zeros((0,), jnp.int32), index.data[:0], None if bias is None else index.bias[:0]
+    return jnp.concatenate(lists), jnp.concatenate(rows), bias
 
 
 def _regroup(index: Index, lists: np.ndarray, **columns) -> Index:
@@ -230,74 +232,77 @@ def _regroup(index: Index, lists: np.ndarray, **columns) -> Index:
     return dataclasses.replace(index, offsets=jnp.asarray(offsets), **laid)
 
 
-def row_lists(offsets, n: int):
-    """(n,) int32 list of each row, from the CSR offsets."""
-    return (jnp.searchsorted(offsets, jnp.arange(n, dtype=jnp.int32), side="right") - 1).astype(jnp.int32)
-
-
 # ----------------------------------------------------------------------------- build / add / delete
 
 
-def _train(key, x, kind: str, metric: str, *, nlist, m, nbits, opq, bits, train_size, max_iter):
-    """Coarse centroids and codebook for `kind`, trained on at most `train_size` rows of x."""
+def _resolve(kind: str, nlist, options: dict) -> tuple[str, bool, dict]:
+    """(method, inverted lists, fit options) of a kind or method name."""
+    method, ivf, implied = KINDS.get(kind, (kind, False, {}))
+    options = {**implied, **options}
+    if kind == "tq" and options.get("bits", 1) == 1:
+        method = "qjl"  # one sign bit per dimension and a norm
+    if nlist not in (None, 1) and not ivf:
+        if kind not in methods():
+            raise ValueError(
+                f"nlist={nlist} applies to the ivf kinds and to methods; use kind='ivf{kind}' or drop nlist"
+            )
+        ivf = True  # a method with lists: IVF-PQ, IVF-RVQ, IVF-RaBitQ, ...
+    return method, ivf, options
+
+
+def _train(key, x, method: str, *, nlist: int, train_size, max_iter: int, options: dict):
+    """Coarse centroids and codebook, trained on at most `train_size` rows of x."""
     n, d = x.shape
     k_sample, k_coarse, k_codes = jax.random.split(key, 3)
     if train_size is not None and n > train_size:
         x = x[jax.random.choice(k_sample, n, (train_size,), replace=False)]
     centroids = jnp.zeros((1, d), jnp.float32)
-    if kind.startswith("ivf"):
-        cb = _kmeans.fit_kmeans(k_coarse, x, k=nlist, max_iter=max_iter, tol=0.0)
-        centroids = cb.centroids
-    if codec(kind) in ("pq", "pqfs"):
-        residuals = x - centroids[_assign_lists(centroids, x)] if centroids.shape[0] > 1 else x
-        fit = _product.fit_opq if opq else _product.fit_pq
-        return centroids, fit(k_codes, residuals, m=m, k=2**nbits)
-    if codec(kind) == "tq":
-        fit = _turboquant.fit_qjl if bits == 1 else _turboquant.fit_turboquant_prod
-        return centroids, fit(k_codes, x, bits=bits, norm_dtype="float32")
-    if codec(kind) == "rabitq":
-        return centroids, _rabitq.fit_rabitq(k_codes, x)
-    return centroids, None
+    if nlist > 1:
+        centroids = fit_kmeans(k_coarse, x, k=nlist, max_iter=max_iter, tol=0.0).centroids
+    if method == "flat":
+        return centroids, None
+    residuals = x - centroids[_assign_lists(centroids, x)]
+    return centroids, fit(residuals, method, key=k_codes, **options)
 
 
 def build(
-    x,
+    x: Float[ArrayLike, "n d"],
     kind: str = "flat",
     *,
-    metric: str = "l2",
+    metric: Metric = "l2",
     nlist: int | None = None,
-    m: int | None = None,
-    nbits: int = 8,
-    opq: bool = False,
-    bits: int = 1,
-    ids=None,
+    fast_scan: bool = False,
+    ids: Int[ArrayLike, " n"] | None = None,
     keep_vectors: bool | None = None,
     train_size: int | None = None,
     max_iter: int = 20,
     key=None,
     progress: bool = False,
+    **options,
 ) -> Index:
-    """Trains an index of `kind` on x and adds x to it.
+    """Trains an index on x and adds x to it.
 
     Args:
         x: (n, d) float vectors, finite.
-        kind: one of "flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq", "rabitq".
+        kind: a shorthand of KINDS ("flat", "ivfflat", "pq", "ivfpq", "pqfs", "ivfpqfs", "tq",
+            "rabitq") or any `vqlib.fit` method ("pq", "opq", "rvq", "aq", "turboquant_prod",
+            "rabitq", a registered one ...); with a method, nlist > 1 makes it an IVF index.
         metric: "l2", "ip" or "cos".
-        nlist: coarse lists of the "ivf*" kinds (default about 4 sqrt(n)); 1 <= nlist <= n.
-        m: PQ codes per vector (d divisible by m; even for fast-scan). Bytes per vector:
-            m * nbits / 8.
-        nbits: bits per PQ code, 1-16 ("pq", "ivfpq"); the fast-scan kinds use 4.
-        opq: learn an OPQ rotation before the PQ (PQ kinds).
-        bits: TurboQuant bits per coordinate for "tq": 1 is QJL sign codes (one bit per
-            dimension), b >= 2 TurboQuant-prod; plus one float32 norm (two for b >= 2).
+        nlist: coarse lists (the "ivf*" kinds default to about 4 sqrt(n)); 1 <= nlist <= n.
+        fast_scan: round the lookup tables to 8-bit integers per query (faiss's fast-scan);
+            needs a codebook with tables of 16 codes (e.g. PQ with k=16) and an even number of
+            codes per vector.
         ids: (n,) int64 user ids, distinct; default 0 .. n-1.
-        keep_vectors: also store the raw vectors for `search(..., rerank=R)` (default: True
-            for "tq" and "rabitq", whose estimates are meant to be re-ranked; False otherwise).
+        keep_vectors: also store the raw vectors for `search(..., rerank=R)` (default: True for
+            codebooks without tables, whose estimates are meant to be re-ranked).
         train_size: train on a uniform sample of this many rows (default: nlist * 256 for the
-            coarse quantizer, as faiss; PQ then samples 256 points per centroid).
+            coarse quantizer, as faiss; the codebook fit samples its own).
         max_iter: Lloyd iterations of the coarse k-means.
         key: PRNG key (training samples and seeds); default jax.random.key(0).
         progress: report training time and draw a progress bar while encoding (stderr).
+        **options: the codebook's fit options, e.g. m and k for PQ / RVQ / AQ (bytes per vector
+            m * log2(k) / 8), bits for TurboQuant ("tq": 1 is QJL sign codes, b >= 2
+            TurboQuant-prod).
 
     Returns:
         The Index.
@@ -310,62 +315,71 @@ def build(
         >>> ids[:, 0].tolist()
         [0, 1]
     """
-    kind, metric = check_kind(kind), check_metric(metric)
-    x = _prepare(x, metric)
+    kind = check_kind(kind)
+    metric = _checks.check_metric(metric)
+    x = prepare(x, metric)
     n, d = x.shape
     if n == 0:
         raise ValueError("x is empty; an index is trained on at least one vector")
-    if kind.startswith("ivf"):
-        nlist = max(1, min(n, int(4 * np.sqrt(n)))) if nlist is None else nlist
-        nlist = _checks.check_int(nlist, "nlist", low=1, high=n)
-    elif nlist not in (None, 1):
-        raise ValueError(f"nlist={nlist} applies to the ivf kinds; use kind='ivf{kind}' or drop nlist")
-    if codec(kind) in ("pq", "pqfs"):
-        if m is None:
-            raise ValueError(f"kind={kind!r} needs m, the number of PQ codes per vector (a divisor of d={d})")
-        m = _product._check_subspaces(d, m)
-        nbits = 4 if codec(kind) == "pqfs" else _checks.check_int(nbits, "nbits", low=1, high=16)
-        if codec(kind) == "pqfs" and m % 2:
-            raise ValueError(f"fast-scan packs two 4-bit codes per byte, so m must be even; got m={m}")
-    else:
-        nbits = 0
-    if codec(kind) == "tq":
-        bits = _checks.check_int(bits, "bits", low=1, high=4)
-    keep_vectors = kind in ("tq", "rabitq") if keep_vectors is None else bool(keep_vectors)
-    if train_size is None and kind.startswith("ivf"):
+    method, ivf, options = _resolve(kind, nlist, options)
+    fast_scan = bool(options.pop("fast_scan", fast_scan))
+    if method == "flat" and options:
+        raise ValueError(f"options {sorted(options)} apply to a codebook; kind={kind!r} stores raw vectors")
+    if method in ("pq", "opq") and "m" not in options:
+        raise ValueError(f"kind={kind!r} needs m, the number of PQ codes per vector (a divisor of d={d})")
+    nlist = (max(1, min(n, int(4 * np.sqrt(n)))) if nlist is None else nlist) if ivf else 1
+    nlist = _checks.check_int(nlist, "nlist", low=1, high=n)
+    if fast_scan and options.get("k", 16) != 16:
+        raise ValueError(f"fast_scan codes have 16 values (4 bits); got k={options['k']}")
+    if train_size is None and nlist > 1:
         train_size = 256 * nlist
     train_size = None if train_size is None else _checks.check_int(train_size, "train_size", low=1)
     key = jax.random.key(0) if key is None else key
-    options = dict(nlist=nlist, m=m, nbits=nbits, opq=opq, bits=bits, train_size=train_size, max_iter=max_iter)
     for _ in progress_bar(range(1), total=1, desc="training", enabled=progress):  # reports the time taken
-        centroids, codebook = _train(key, x, kind, metric, **options)
-    if codec(kind) in ("tq", "rabitq"):
-        nbits = vqlib_layout(codebook).bits
-    empty = Index(
-        centroids=centroids,
+        centroids, codebook = _train(
+            key, x, method, nlist=nlist, train_size=train_size, max_iter=max_iter, options=options
+        )
+    return add(empty_index(centroids, codebook, metric, fast_scan, keep_vectors, method), x, ids=ids, progress=progress)
+
+
+def empty_index(centroids, codebook, metric: str, fast_scan: bool, keep_vectors: bool | None, method: str) -> Index:
+    """An index with its quantizers and no rows (checks that the codebook can serve it)."""
+    d = centroids.shape[1]
+    if codebook is not None and codebook_type(codebook).dim(codebook) != d:
+        raise ValueError(f"the codebook codes vectors of d={codebook_type(codebook).dim(codebook)}, the index d={d}")
+    if fast_scan:
+        layout = None if codebook is None else code_layout(codebook)
+        if layout is None or not has_tables(codebook) or layout.num_codes != 16:
+            raise ValueError("fast_scan needs a codebook with lookup tables of 16 codes, e.g. kind='pqfs' or k=16")
+        if layout.num_codebooks % 2:
+            raise ValueError(
+                f"fast-scan packs two 4-bit codes per byte, so m must be even; got m={layout.num_codebooks}"
+            )
+    estimates = codebook is not None and not has_tables(codebook)
+    keep_vectors = estimates if keep_vectors is None else bool(keep_vectors)
+    if codebook is None:
+        data = jnp.zeros((0, d), jnp.float32)
+    else:
+        layout = code_layout(codebook)
+        data = jnp.zeros((0, -(-layout.num_codebooks * layout.bits // 8)), jnp.uint8)
+    return Index(
+        centroids=jnp.asarray(centroids, jnp.float32),
         codebook=codebook,
-        data=jnp.zeros(
-            (0, _row_width(kind, d, m, nbits, codebook)), jnp.float32 if codec(kind) == "raw" else jnp.uint8
-        ),
+        data=data,
+        bias=jnp.zeros((0,), jnp.float32) if stores_bias(codebook, metric) else None,
         offsets=jnp.zeros(centroids.shape[0] + 1, jnp.int32),
         ids=np.zeros(0, np.int64),
         live=jnp.zeros(0, bool),
         vectors=jnp.zeros((0, d), jnp.float32) if keep_vectors else None,
-        kind=kind,
         metric=metric,
-        nbits=nbits,
+        fast_scan=fast_scan,
+        method=method,
     )
-    return add(empty, x, ids=ids, progress=progress)
 
 
-def _row_width(kind: str, d: int, m, nbits: int, codebook) -> int:
-    if codec(kind) == "raw":
-        return d
-    width = m if codec(kind) in ("pq", "pqfs") else vqlib_layout(codebook).num_codebooks
-    return _packing.packed_width(width, nbits)
-
-
-def add(index: Index, x, *, ids=None, progress: bool = False) -> Index:
+def add(
+    index: Index, x: Float[ArrayLike, "n d"], *, ids: Int[ArrayLike, " n"] | None = None, progress: bool = False
+) -> Index:
     """Returns `index` with the vectors x added (the index passed in is unchanged).
 
     Encoding costs O(len(x)); the rows are then laid out again, list by list, which copies the
@@ -378,23 +392,26 @@ def add(index: Index, x, *, ids=None, progress: bool = False) -> Index:
             largest id present.
         progress: progress bar on stderr while encoding.
     """
-    x = _prepare(x, index.metric)
+    if not isinstance(index, Index):
+        raise TypeError(f"index must be a vqlib.retrieval.Index, got {type(index).__name__}")
+    x = prepare(x, index.metric)
     _checks.check_dim(x, index.dim, "x", "the index was built for")
     new_ids = _check_ids(ids, x.shape[0], index.ids)
-    lists, rows = _encode_all((index.centroids, index.codebook), x, kind=index.kind, nbits=index.nbits, show=progress)
+    lists, rows, bias = _encode_all(index, x, show=progress)
     keep = np.flatnonzero(index.ids >= 0)  # stored rows, not padding
     old = jnp.asarray(keep)
     return _regroup(
         index,
         np.concatenate([np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep], np.asarray(lists)]),
         data=jnp.concatenate([index.data[old], rows]),
+        bias=None if index.bias is None else jnp.concatenate([index.bias[old], bias]),
         ids=np.concatenate([index.ids[keep], new_ids]),
         live=jnp.concatenate([index.live[old], jnp.ones(x.shape[0], bool)]),
         vectors=None if index.vectors is None else jnp.concatenate([index.vectors[old], x]),
     )
 
 
-def delete(index: Index, ids) -> Index:
+def delete(index: Index, ids: Int[ArrayLike, " r"]) -> Index:
     """Returns `index` with the vectors of `ids` marked deleted (searches skip them).
 
     The rows stay until `compact`; deleting an id that is absent (or already deleted) raises
@@ -418,7 +435,57 @@ def compact(index: Index) -> Index:
         index,
         np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep],
         data=index.data[rows],
+        bias=None if index.bias is None else index.bias[rows],
         ids=index.ids[keep],
         live=jnp.ones(keep.size, bool),
         vectors=None if index.vectors is None else index.vectors[rows],
     )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def validate(index: Index) -> None:
+    """The invariants `vqlib.load` checks on an Index it rebuilds; ValueError naming the field."""
+    _checks.check_metric(index.metric)
+    if index.centroids.ndim != 2 or index.centroids.shape[0] < 1:
+        raise ValueError(f"centroids must be (nlist, d) with nlist >= 1, got {index.centroids.shape}")
+    _checks.check_finite(index.centroids, "centroids")
+    if index.codebook is not None:
+        validate_codebook(index.codebook, "codebook")
+    n = index.data.shape[0]
+    offsets = np.asarray(index.offsets)
+    if offsets.shape != (index.nlist + 1,) or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets must rise from 0 to the {n} rows, one per list boundary; got {offsets[:8]}...")
+    if np.any(offsets % BLOCK):
+        raise ValueError(f"offsets must be multiples of the {BLOCK}-row block")
+    ids = np.asarray(index.ids)
+    if ids.shape != (n,) or index.live.shape != (n,) or ids.dtype != np.int64:
+        raise ValueError(
+            f"ids (int64) and live must have one entry per row ({n}), got {ids.shape} and {index.live.shape}"
+        )
+    stored = ids[ids >= 0]
+    if np.any(ids < -1) or np.unique(stored).size != stored.size:
+        raise ValueError("ids must be unique and non-negative (-1 on padding rows)")
+    if np.any(np.asarray(index.live) & (ids < 0)):
+        raise ValueError("a padding row (id -1) is marked live")
+    expected = index.dim if index.codebook is None else -(-code_width(index) * pack_bits(index) // 8)
+    if index.data.ndim != 2 or index.data.shape[1] != expected:
+        raise ValueError(f"data must have {expected} columns per row for this codebook, got shape {index.data.shape}")
+    if index.codebook is not None:
+        codes = np.asarray(row_codes(index, index.data))
+        if codes.size and codes.max() >= code_layout(index.codebook).num_codes:
+            raise ValueError(
+                f"data holds codes up to {codes.max()}, the codebook has {code_layout(index.codebook).num_codes}"
+            )
+    if (index.bias is not None) != stores_bias(index.codebook, index.metric):
+        raise ValueError("bias must be present exactly when the codebook's L2 tables need it")
+    for name in ("bias", "vectors"):
+        column = getattr(index, name)
+        if column is not None:
+            if column.shape[0] != n:
+                raise ValueError(f"{name} must have one row per data row ({n}), got {column.shape}")
+            _checks.check_finite(column, name)
+
+
+VALIDATORS[Index] = validate

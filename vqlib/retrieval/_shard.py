@@ -23,8 +23,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vqlib.retrieval import _search
-from vqlib.retrieval._index import BLOCK, Index, block_layout, row_lists, take_rows
+from vqlib.retrieval._index import Index
+from vqlib.retrieval._lists import BLOCK, block_layout, row_lists, take_rows
+from vqlib.retrieval._plan import approximate, check_search, finish, full_scan, probed_blocks, round_budget
+from vqlib.retrieval._rerank import rerank_exact
+from vqlib.retrieval._scan_lists import probe
+from vqlib.retrieval._scoring import Parts, static_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +45,7 @@ class ShardedIndex:
     """
 
     template: Index
-    parts: _search.Parts
+    parts: Parts
     vectors: jax.Array | None
     ids: np.ndarray
     live_count: int
@@ -70,8 +74,9 @@ def shard(index: Index, mesh: Mesh, axis: str | None = None) -> ShardedIndex:
     stored = np.flatnonzero(index.ids >= 0)  # rows holding vectors (live or deleted), not padding
     lists = np.asarray(row_lists(index.offsets, index.data.shape[0]))
     columns = dict(data=np.asarray(index.data), live=np.asarray(index.live), ids=index.ids)
-    if index.vectors is not None:
-        columns["vectors"] = np.asarray(index.vectors)
+    for name in ("bias", "vectors"):
+        if getattr(index, name) is not None:
+            columns[name] = np.asarray(getattr(index, name))
     shards, offsets = [], []
     for s in range(num):
         take = stored[s::num]
@@ -95,16 +100,18 @@ def shard(index: Index, mesh: Mesh, axis: str | None = None) -> ShardedIndex:
     split = NamedSharding(mesh, PartitionSpec(axis))
     put = functools.partial(jax.device_put, device=split)
     whole = NamedSharding(mesh, PartitionSpec())
-    parts = _search.Parts(
+    parts = Parts(
         jax.device_put(index.centroids, whole),
         jax.device_put(index.codebook, whole),
         put(stack("data")),
+        None if index.bias is None else put(stack("bias")),
         put(np.stack(offsets)),
         put(stack("live")),
     )
     template = dataclasses.replace(
         index,
         data=index.data[:0],
+        bias=None if index.bias is None else index.bias[:0],
         offsets=jnp.zeros_like(index.offsets),
         ids=index.ids[:0],
         live=index.live[:0],
@@ -124,17 +131,22 @@ def _merge(dists, rows, k: int, axis: str):
 
 def _local(parts, vectors, queries, probes, *, s, k, nprobe, full, budget, rerank, axis):
     """One device: search its shard, merge over the axis (re-rank on the merged candidates)."""
-    parts = _search.Parts(parts.centroids, parts.codebook, parts.data[0], parts.offsets[0], parts.live[0])
+    parts = Parts(
+        parts.centroids,
+        parts.codebook,
+        parts.data[0],
+        None if parts.bias is None else parts.bias[0],
+        parts.offsets[0],
+        parts.live[0],
+    )
     rows_per = parts.data.shape[0]
     base = lax.axis_index(axis) * rows_per
-    dists, rows = _search.approximate(
-        parts, queries, s, k=rerank or k, nprobe=nprobe, full=full, probes=probes, budget=budget
-    )
+    dists, rows = approximate(parts, queries, s, k=rerank or k, nprobe=nprobe, full=full, probes=probes, budget=budget)
     dists, rows = _merge(dists, jnp.where(rows >= 0, rows + base, -1), rerank or k, axis)
     if rerank:
         mine = (rows >= base) & (rows < base + rows_per)
         local_rows = jnp.where(mine, rows - base, -1)
-        dists, local_rows = _search.rerank_exact(vectors[0], queries, local_rows, metric=s.metric, k=k)
+        dists, local_rows = rerank_exact(vectors[0], queries, local_rows, l2=s.l2, k=k)
         dists, rows = _merge(dists, jnp.where(local_rows >= 0, local_rows + base, -1), k, axis)
     return dists, jnp.where(jnp.isfinite(dists), rows, -1)
 
@@ -142,7 +154,7 @@ def _local(parts, vectors, queries, probes, *, s, k, nprobe, full, budget, reran
 @functools.partial(jax.jit, static_argnames=("s", "k", "nprobe", "full", "budget", "rerank", "mesh", "axis"))
 def _search_sharded(parts, vectors, queries, probes, *, mesh, axis, **options):
     split, whole = PartitionSpec(axis), PartitionSpec()
-    parts_spec = _search.Parts(whole, whole, split, split, split)
+    parts_spec = Parts(whole, whole, split, None if parts.bias is None else split, split, split)
     return jax.shard_map(
         functools.partial(_local, axis=axis, **options),
         mesh=mesh,
@@ -155,12 +167,12 @@ def _search_sharded(parts, vectors, queries, probes, *, mesh, axis, **options):
 def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank: int | None):
     """`vqlib.retrieval.search` for a ShardedIndex; same results as the unsharded index."""
     t = index.template
-    queries, k, nprobe, rerank = _search.check_search(t, queries, k, nprobe, rerank, live=index.live_count)
-    full = _search.full_scan(t, nprobe)
+    queries, k, nprobe, rerank = check_search(t, queries, k, nprobe, rerank, live=index.live_count)
+    full = full_scan(t, nprobe)
     probes, budget = None, None
     if not full:  # one coarse search for all devices; the largest shard's candidate count fixes the budget
-        probes = _search.probe(t.centroids, queries, nprobe=nprobe)
-        budget = _search.round_budget(int(_search.probed_blocks(index.parts.offsets, probes).max()))
+        probes = probe(t.centroids, queries, nprobe=nprobe)
+        budget = round_budget(int(probed_blocks(index.parts.offsets, probes).max()))
     dists, rows = _search_sharded(
         index.parts,
         index.vectors,
@@ -168,11 +180,11 @@ def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank:
         probes,
         mesh=index.mesh,
         axis=index.axis,
-        s=_search._static(t),
+        s=static_of(t),
         k=k,
         nprobe=nprobe,
         full=full,
         budget=budget,
         rerank=rerank,
     )
-    return _search.finish(t.metric, dists, rows, index.ids)
+    return finish(t, dists, rows, index.ids)

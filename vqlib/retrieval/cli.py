@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from vqlib import _io
-from vqlib.retrieval._index import KINDS, METRICS, Index, build, bytes_per_vector
+from vqlib._types import METRICS
+from vqlib.retrieval._index import KINDS, Index, build, bytes_per_vector
 from vqlib.retrieval._search import search
 
 
@@ -19,13 +20,14 @@ def add_parser(sub) -> None:
     b = cmds.add_parser("build", help="train an index on an (n, d) .npy matrix and add its rows")
     b.add_argument("data", help="(n, d) float .npy file (read memory-mapped)")
     b.add_argument("-o", "--output", required=True, help="index file to write (atomically)")
-    b.add_argument("--type", default="ivfpq", choices=KINDS, help="index kind (default ivfpq)")
+    b.add_argument(
+        "--type", default="ivfpq", help=f"index kind ({', '.join(KINDS)}) or a vqlib.fit method (default ivfpq)"
+    )
     b.add_argument("--metric", default="l2", choices=METRICS)
     b.add_argument("--nlist", type=int, default=None, help="coarse lists (ivf kinds; default ~4 sqrt(n))")
-    b.add_argument("--m", type=int, default=None, help="PQ codes per vector (PQ kinds)")
-    b.add_argument("--nbits", type=int, default=8, help="bits per PQ code (pq, ivfpq)")
-    b.add_argument("--opq", action="store_true", help="learn an OPQ rotation (PQ kinds)")
-    b.add_argument("--bits", type=int, default=1, help="TurboQuant bits per coordinate (tq; 1 = sign codes)")
+    b.add_argument("--m", type=int, default=None, help="codes per vector (PQ, RVQ, AQ)")
+    b.add_argument("--k", type=int, default=None, help="codes per codebook (PQ, RVQ, AQ; default 256)")
+    b.add_argument("--bits", type=int, default=None, help="TurboQuant bits per coordinate (tq; 1 = sign codes)")
     b.add_argument("--ids", default=None, help="(n,) int64 .npy file of ids (default 0..n-1)")
     b.add_argument("--keep-vectors", action="store_true", help="store raw vectors for --rerank")
     b.add_argument("--seed", type=int, default=0)
@@ -51,19 +53,17 @@ def run(args: argparse.Namespace) -> None:
         x = np.load(args.data, mmap_mode="r")
         ids = None if args.ids is None else np.load(args.ids)
         start = time.perf_counter()
+        options = {name: getattr(args, name) for name in ("m", "k", "bits") if getattr(args, name) is not None}
         index = build(
             np.asarray(x),
             args.type,
             metric=args.metric,
             nlist=args.nlist,
-            m=args.m,
-            nbits=args.nbits,
-            opq=args.opq,
-            bits=args.bits,
             ids=ids,
             keep_vectors=args.keep_vectors or None,
             key=jax.random.key(args.seed),
             progress=True,
+            **options,
         )
         _io.save(args.output, index)
         print(f"built {_describe(index)} in {time.perf_counter() - start:.1f} s -> {args.output}")

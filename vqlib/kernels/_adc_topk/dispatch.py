@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int, Int32
 
 from vqlib import _checks
 from vqlib.kernels import _dispatch
@@ -18,14 +18,14 @@ BACKENDS = {
 
 
 def adc_topk(
-    tables: jax.Array,
-    codes: jax.Array,
+    tables: Float[ArrayLike, "q m kc"],
+    codes: Int[ArrayLike, "n m"],
     k: int,
     *,
-    bias: jax.Array | None = None,
+    bias: Float[ArrayLike, " n"] | None = None,
     impl: Impl = "auto",
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Float[Array, "q {k}"], Int32[Array, "q {k}"]]:
     """The k rows of smallest ADC score per query, scanning the codes once (IVF-PQ / AQ search).
 
     score[i, r] = sum_j tables[i, j, codes[r, j]] + bias[r], as `vqlib.codebooks.adc_lookup`.

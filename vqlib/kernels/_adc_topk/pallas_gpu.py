@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vqlib.kernels._adc_topk._common import check_dtypes, lookup_dot, merge_candidates, select_topk
+from vqlib.kernels._adc_topk.common import check_dtypes, lookup_dot, merge_candidates, select_topk
 
 MAX_K = 256  # results per query: the per-tile selection is k rounds over the tile
 

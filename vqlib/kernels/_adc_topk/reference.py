@@ -7,9 +7,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int, Int32
 
 
-def scores(tables: jax.Array, codes: jax.Array, bias: jax.Array | None) -> jax.Array:
+def adc_scores(
+    tables: Float[ArrayLike, "q m kc"], codes: Int[ArrayLike, "n m"], bias: Float[ArrayLike, " n"] | None
+) -> Float[Array, "q n"]:
     """(q, n) float32: out[i, r] = sum_j tables[i, j, codes[r, j]] + bias[r] (as `adc_lookup`)."""
     tables = tables.astype(jnp.float32)
     codes = codes.astype(jnp.int32)
@@ -21,8 +24,8 @@ def scores(tables: jax.Array, codes: jax.Array, bias: jax.Array | None) -> jax.A
 
 @functools.partial(jax.jit, static_argnames="k")
 def adc_topk_reference(
-    tables: jax.Array, codes: jax.Array, k: int, bias: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+    tables: Float[ArrayLike, "q m kc"], codes: Int[ArrayLike, "n m"], k: int, bias: Float[ArrayLike, " n"] | None = None
+) -> tuple[Float[Array, "q {k}"], Int32[Array, "q {k}"]]:
     """The k smallest ADC scores per query; ties go to the lowest row index.
 
     Args:
@@ -34,5 +37,5 @@ def adc_topk_reference(
     Returns:
         dists (q, k) float32 ascending and ids (q, k) int32 rows of `codes`.
     """
-    neg, ids = lax.top_k(-scores(tables, codes, bias), k)  # top_k puts the lower index first on ties
+    neg, ids = lax.top_k(-adc_scores(tables, codes, bias), k)  # top_k puts the lower index first on ties
     return -neg, ids.astype(jnp.int32)

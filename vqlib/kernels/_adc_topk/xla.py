@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqlib.kernels._adc_topk._common import merge_candidates
-from vqlib.kernels._adc_topk.reference import scores
+from vqlib.kernels._adc_topk.common import merge_candidates
+from vqlib.kernels._adc_topk.reference import adc_scores
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,7 +29,7 @@ def adc_topk(
     n = codes.shape[0]
     bn = max(min(block.block_n, n), k)
     if bn >= n:
-        neg, ids = lax.top_k(-scores(tables, codes, bias), k)
+        neg, ids = lax.top_k(-adc_scores(tables, codes, bias), k)
         return -neg, ids.astype(jnp.int32)
     tiles = -(-n // bn)
     pad = tiles * bn - n
@@ -40,7 +40,7 @@ def adc_topk(
     def one_tile(args):
         t, tile_codes, tile_bias = args
         rows = t * bn + jnp.arange(bn, dtype=jnp.int32)
-        s = jnp.where((rows < n)[None, :], scores(tables, tile_codes, tile_bias), jnp.inf)
+        s = jnp.where((rows < n)[None, :], adc_scores(tables, tile_codes, tile_bias), jnp.inf)
         neg, local = lax.top_k(-s, k)
         return -neg, jnp.take(rows, local)
 

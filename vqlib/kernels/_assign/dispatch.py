@@ -3,7 +3,7 @@ choice on CPU); an explicit `impl` never falls back."""
 
 from __future__ import annotations
 
-import jax
+from jaxtyping import Array, ArrayLike, Float, Float32, Int32
 
 from vqlib import _checks
 from vqlib.kernels import _dispatch
@@ -23,8 +23,8 @@ def check_impl(impl: str) -> tuple[str, ...]:
 
 
 def assign(
-    x: jax.Array, centroids: jax.Array, *, impl: Impl = "auto", interpret: bool = False
-) -> tuple[jax.Array, jax.Array]:
+    x: Float[ArrayLike, "n d"], centroids: Float[ArrayLike, "k d"], *, impl: Impl = "auto", interpret: bool = False
+) -> tuple[Int32[Array, " n"], Float32[Array, " n"]]:
     """Nearest centroid for each point; ties go to the lowest index.
 
     Args:
@@ -43,6 +43,8 @@ def assign(
         >>> assign(jnp.eye(3), jnp.eye(3)[::-1])[0].tolist()
         [2, 1, 0]
     """
+    x = _checks.check_float_array(x, "x")
+    centroids = _checks.check_float_array(centroids, "centroids")
     _checks.check_rank(x, 2, "x", "; use jax.vmap for a batch of problems")
     _checks.check_rank(centroids, 2, "centroids", "; use jax.vmap for a batch of codebooks")
     _checks.check_dim(x, centroids.shape[1], what="centroids have")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vqlib.kernels._assign._common import FAR, centroid_norms, dot_dtype, merge, next_pow2, pad_to
+from vqlib.kernels._assign.common import FAR, centroid_norms, dot_dtype, merge, next_pow2, pad_to
 
 MAX_D = 1024  # a (block_n, d) point tile must fit in registers / shared memory
 

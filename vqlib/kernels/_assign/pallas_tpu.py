@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vqlib.kernels._assign._common import FAR, centroid_norms, dot_dtype, merge, pad_to
+from vqlib.kernels._assign.common import FAR, centroid_norms, dot_dtype, merge, pad_to
 
 MAX_D = 4096
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import jax
+from jaxtyping import Array, ArrayLike, Float
 
 from vqlib import _checks
 from vqlib.kernels import _dispatch
 from vqlib.kernels._dispatch import Impl
-from vqlib.kernels._lut_matmul._weight import LUTWeight
+from vqlib.kernels._lut_matmul.weight import LUTWeight
 
 BACKENDS = {
     "xla": "vqlib.kernels._lut_matmul.xla:lut_matmul",
@@ -16,7 +16,9 @@ BACKENDS = {
 }
 
 
-def lut_matmul(x: jax.Array, weight: LUTWeight, *, impl: Impl = "auto", interpret: bool = False) -> jax.Array:
+def lut_matmul(
+    x: Float[ArrayLike, "b d_in"], weight: LUTWeight, *, impl: Impl = "auto", interpret: bool = False
+) -> Float[Array, "b d_out"]:
     """y = x @ W^T for a weight stored as codes plus codebooks (`LUTWeight`).
 
     Args:

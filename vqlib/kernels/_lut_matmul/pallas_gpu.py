@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vqlib.kernels._lut_matmul._weight import LUTWeight
+from vqlib.kernels._lut_matmul.weight import LUTWeight
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

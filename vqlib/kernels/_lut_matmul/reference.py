@@ -5,12 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float
 
-from vqlib.kernels._lut_matmul._weight import LUTWeight, dequantize
+from vqlib.kernels._lut_matmul.weight import LUTWeight, dequantize
 
 
 @jax.jit
-def lut_matmul_reference(x: jax.Array, weight: LUTWeight) -> jax.Array:
+def lut_matmul_reference(x: Float[ArrayLike, "b d_in"], weight: LUTWeight) -> Float[Array, "b d_out"]:
     """y = x @ W^T for the W that `weight` stores; float32 math, output in x's dtype.
 
     Args:

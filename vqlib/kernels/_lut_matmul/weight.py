@@ -16,10 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from vqlib._types import pytree_dataclass, static_field
 
-KINDS = ("scalar", "vq", "aq", "e8p")
+LUT_KINDS = ("scalar", "vq", "aq", "e8p")
 
 
 @pytree_dataclass
@@ -49,10 +50,17 @@ class LUTWeight:
         return self.codes.shape[1], self.codes.shape[2] * self.vector_size
 
 
-def lut_weight(kind: str, codes, codebooks, scales=None, *, group: int = 0) -> LUTWeight:
+def lut_weight(
+    kind: str,
+    codes: Int[ArrayLike, "m d_out g"],
+    codebooks: Float[ArrayLike, "..."],
+    scales: Float[ArrayLike, " d_out"] | None = None,
+    *,
+    group: int = 0,
+) -> LUTWeight:
     """Builds and checks a LUTWeight; `scales` default to ones."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in LUT_KINDS:
+        raise ValueError(f"kind must be one of {LUT_KINDS}, got {kind!r}")
     codes, codebooks = jnp.asarray(codes), jnp.asarray(codebooks)
     if codes.ndim != 3 or not jnp.issubdtype(codes.dtype, jnp.integer):
         raise ValueError(f"codes must be an integer (m, out, in // v) array, got {codes.dtype} {codes.shape}")
@@ -91,7 +99,7 @@ def e8p_decode(codes: jax.Array, patterns: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def dequantize(w: LUTWeight) -> jax.Array:
+def dequantize(w: LUTWeight) -> Float[Array, "d_out d_in"]:
     """The (out, in) float32 weight that `w` stores."""
     m, out, groups = w.codes.shape
     codes = w.codes.astype(jnp.int32)

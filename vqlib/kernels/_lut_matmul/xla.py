@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vqlib.kernels._lut_matmul._weight import LUTWeight, dequantize
+from vqlib.kernels._lut_matmul.weight import LUTWeight, dequantize
 
 
 @jax.jit
