@@ -12,12 +12,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from vqlib._types import pytree_dataclass, static_field
+from vqlib._types import VALIDATORS, pytree_dataclass, static_field
 from vqlib.codebooks import pack_codes, unpack_codes
 from vqlib.kernels import assign as assign_op
-from vqlib.nn._common import KERNELS, _check_bits, _check_kernel_sizes, _kernels, _name
+from vqlib.nn._common import KERNELS, MAX_BITS, _check_bits, _check_kernel_sizes, _kernels, _name
 from vqlib.nn._dkm import DKMPalettizer, _kmeans_centroids
 
 
@@ -138,3 +139,53 @@ def load_palettized(model, palettized: PalettizedModel):
             raise ValueError(f"variable {name} has shape {jnp.shape(old)} in the model but {jnp.shape(new)} stored")
         values.append((path, var.replace(new)))
     return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def validate(palettized: PalettizedModel) -> None:
+    """The invariants `vqlib.load` checks on a PalettizedModel it rebuilds (ValueError naming the
+    field): bits in 1..8; one (name, shape) per kernel, the same names in codes and codebooks and
+    none of them in rest; per kernel a finite float codebook of 2**bits values and exactly the
+    uint8 bytes its packed codes take (every b-bit code then indexes the codebook)."""
+    bits = palettized.bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int from 1 to {MAX_BITS}, got {bits!r}")
+    shapes = palettized.shapes
+    if not isinstance(shapes, tuple) or not all(
+        isinstance(entry, tuple)
+        and len(entry) == 2
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], tuple)
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry[1])
+        for entry in shapes
+    ):
+        raise ValueError(f"shapes must be ((kernel name, shape of non-negative ints), ...), got {str(shapes)[:120]}")
+    names = [name for name, _ in shapes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"shapes names a kernel twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    for field in ("codes", "codebooks", "rest"):
+        if not isinstance(getattr(palettized, field), dict):
+            raise ValueError(f"{field} must be a dict of arrays, got {type(getattr(palettized, field)).__name__}")
+    if set(palettized.codes) != set(names) or set(palettized.codebooks) != set(names):
+        raise ValueError(
+            f"codes {sorted(palettized.codes)} and codebooks {sorted(palettized.codebooks)} must name the kernels "
+            f"of shapes {sorted(names)}"
+        )
+    if set(palettized.rest) & set(names):
+        raise ValueError(f"variables {sorted(set(palettized.rest) & set(names))} are both kernels and rest")
+    for name, shape in shapes:
+        codebook, codes = palettized.codebooks[name], palettized.codes[name]
+        if not jnp.issubdtype(codebook.dtype, jnp.floating) or codebook.shape != (2**bits,):
+            raise ValueError(
+                f"codebooks[{name!r}] must be {2**bits} float values (2**bits), got {codebook.dtype} {codebook.shape}"
+            )
+        if not np.isfinite(np.asarray(codebook, np.float32)).all():
+            raise ValueError(f"codebooks[{name!r}] holds NaN or inf values")
+        packed = -(-math.prod(shape) * bits // 8)
+        if codes.dtype != jnp.uint8 or codes.shape != (packed,):
+            raise ValueError(
+                f"codes[{name!r}] must be ({packed},) uint8 ({math.prod(shape)} weights of shape {shape} at "
+                f"{bits} bits), got {codes.dtype} {codes.shape}"
+            )
+
+
+VALIDATORS[PalettizedModel] = validate
