@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -135,7 +137,31 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     retrieval_cli.add_parser(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
+    try:
+        _run(args)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+        # a user mistake (missing or bad file, missing option, bad value): one line, no traceback;
+        # VQLIB_TRACEBACK=1 shows the traceback (to report a bug)
+        if os.environ.get("VQLIB_TRACEBACK"):
+            raise
+        command = " ".join(["vqlib", args.command] + ([args.index_command] if args.command == "index" else []))
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        message = f"{e.filename}: {e.strerror}"
+    else:
+        message = str(e) or type(e).__name__
+    return " ".join(message.split())
+
+
+def _run(args) -> None:
     if args.command == "index":
         retrieval_cli.run(args)
     elif args.command == "demo":

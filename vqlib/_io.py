@@ -270,7 +270,7 @@ class _Invalid(Exception):
 
 
 def _unreadable(path: str, detail: str) -> ValueError:
-    return ValueError(f"{path} is not a readable vqlib file (truncated or corrupted?): {detail}")
+    return ValueError(f"{path} is not a readable vqlib file (truncated, corrupted, or not a vqlib file?): {detail}")
 
 
 def _file_kind(mode: int) -> str:

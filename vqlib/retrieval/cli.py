@@ -1,8 +1,14 @@
-"""`python -m vqlib index build|search|info`: ANN indexes from .npy files on the command line."""
+"""`python -m vqlib index build|search|info`: ANN indexes from .npy files on the command line.
+
+User mistakes (a missing or unreadable file, an option the index kind needs, a bad value) raise
+ValueError / TypeError / OSError with a one-line message; `vqlib.__main__` prints it and exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import time
 
 import numpy as np
@@ -11,6 +17,10 @@ from vqlib import _io
 from vqlib._types import METRICS
 from vqlib.retrieval._index import KINDS, Index, build, bytes_per_vector
 from vqlib.retrieval._search import search
+
+_NPY_MAGIC = b"\x93NUMPY"
+# methods whose fit needs m, and whether m must divide d (PQ subspaces) or counts stages (RVQ, AQ)
+_NEEDS_M = {"pq": True, "opq": True, "rvq": False, "aq": False}
 
 
 def add_parser(sub) -> None:
@@ -25,7 +35,13 @@ def add_parser(sub) -> None:
     )
     b.add_argument("--metric", default="l2", choices=METRICS)
     b.add_argument("--nlist", type=int, default=None, help="coarse lists (ivf kinds; default ~4 sqrt(n))")
-    b.add_argument("--m", type=int, default=None, help="codes per vector (PQ, RVQ, AQ)")
+    b.add_argument(
+        "--m",
+        type=int,
+        default=None,
+        help="codes per vector (PQ: default the divisor of d nearest d/4, i.e. d/4 bytes per vector at 8-bit "
+        "codes; fast-scan: the even divisor nearest d/2; RVQ, AQ: required)",
+    )
     b.add_argument("--k", type=int, default=None, help="codes per codebook (PQ, RVQ, AQ; default 256)")
     b.add_argument("--bits", type=int, default=None, help="TurboQuant bits per coordinate (tq; 1 = sign codes)")
     b.add_argument("--ids", default=None, help="(n,) int64 .npy file of ids (default 0..n-1)")
@@ -42,18 +58,71 @@ def add_parser(sub) -> None:
     i.add_argument("index")
 
 
-def _load_index(path: str) -> Index:
-    return _io.load(path, expect=Index)
+def default_m(d: int, *, fast_scan: bool) -> int | None:
+    """PQ codes per vector when --m is not given: d/4 bytes per vector, a 16x reduction from
+    float32. 8-bit codes (k=256): the divisor of d nearest d/4 (4 dimensions per code); fast-scan's
+    4-bit codes: the even divisor of d nearest d/2 (None when d is odd: fast-scan needs even m)."""
+    target = d / 2 if fast_scan else d / 4
+    divisors = [m for m in range(1, d + 1) if d % m == 0 and (m % 2 == 0 or not fast_scan)]
+    return min(divisors, key=lambda m: (abs(m - target), m)) if divisors else None
+
+
+def read_npy(path: str, what: str, ndim: int) -> np.ndarray:
+    """A .npy array of rank `ndim`, memory-mapped; ValueError (naming the path and the fix) for a
+    missing file, a non-.npy file, a pickled / object array or the wrong rank."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} file {path} does not exist")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{what} file {path} is not a regular file; pass a .npy file written by numpy.save")
+    with open(path, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        raise ValueError(f"{what} file {path} is not a .npy file; write the array with numpy.save(path, array)")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{what} file {path} is not a readable .npy file ({e}); write it with numpy.save") from None
+    if array.ndim != ndim:
+        shape = "(n, d)" if ndim == 2 else "(n,)"
+        raise ValueError(f"{what} file {path} holds an array of shape {array.shape}; {what} must be {shape}")
+    return array
+
+
+def _fit_options(args: argparse.Namespace, d: int) -> dict:
+    """The codebook options from the command line, with the default m where the kind needs one."""
+    options = {name: getattr(args, name) for name in ("m", "k", "bits") if getattr(args, name) is not None}
+    method, _, implied = KINDS.get(args.type, (args.type, False, {}))
+    if method in _NEEDS_M and "m" not in options:
+        if not _NEEDS_M[method]:
+            raise ValueError(
+                f"--type {args.type} needs --m, the number of codebooks per vector (one byte each at the default "
+                "k=256), e.g. --m 8"
+            )
+        fast_scan = bool(implied.get("fast_scan"))
+        m = default_m(d, fast_scan=fast_scan)
+        if m is None:
+            raise ValueError(f"--type {args.type} needs an even --m dividing d={d}, and d is odd; use --type ivfpq")
+        options["m"] = m
+    return options
+
+
+def _check_output(path: str, what: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write the {what} to {path}: folder {folder} does not exist; create it first")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write the {what} to {path}: it is a folder; give a file name")
 
 
 def run(args: argparse.Namespace) -> None:
     import jax
 
     if args.index_command == "build":
-        x = np.load(args.data, mmap_mode="r")
-        ids = None if args.ids is None else np.load(args.ids)
+        _check_output(args.output, "index")
+        x = read_npy(args.data, "data", 2)
+        ids = None if args.ids is None else np.asarray(read_npy(args.ids, "ids", 1))
+        options = _fit_options(args, x.shape[1])
         start = time.perf_counter()
-        options = {name: getattr(args, name) for name in ("m", "k", "bits") if getattr(args, name) is not None}
         index = build(
             np.asarray(x),
             args.type,
@@ -68,8 +137,10 @@ def run(args: argparse.Namespace) -> None:
         _io.save(args.output, index)
         print(f"built {_describe(index)} in {time.perf_counter() - start:.1f} s -> {args.output}")
     elif args.index_command == "search":
+        if args.output:
+            _check_output(args.output, "results")
         index = _load_index(args.index)
-        queries = np.load(args.queries)
+        queries = np.asarray(read_npy(args.queries, "queries", 2))
         start = time.perf_counter()
         scores, ids = search(index, queries, args.k, nprobe=args.nprobe, rerank=args.rerank)
         seconds = time.perf_counter() - start
@@ -81,6 +152,12 @@ def run(args: argparse.Namespace) -> None:
                 print(" ".join(f"{i}:{s:.4g}" for i, s in zip(row_ids, row_scores, strict=True)))
     else:
         print(_describe(_load_index(args.index)))
+
+
+def _load_index(path: str) -> Index:
+    if not os.path.exists(path):
+        raise ValueError(f"index file {path} does not exist; build one with `python -m vqlib index build`")
+    return _io.load(path, expect=Index)
 
 
 def _describe(index: Index) -> str:
