@@ -14,9 +14,11 @@ Everything is fitted to the layer's output error on the calibration activations,
    parallel): for each codebook m in turn, every beam entry tries all 2**B codes of codebook m;
    a candidate is scored by the exact change of the output error, -2 s_i <d, (E H)_J> +
    s_i^2 d^T H_JJ d for a change d of the group's decoded vector, and the `beam` best survive;
-   E H is updated after each group. (b) codebooks and scales with codes fixed: `adam_steps`
-   full-batch Adam steps on the same loss (optax);
-3. block fine-tuning (`finetune_block`, after the block's seven matrices): Adam on every
+   E H is updated after each group. (b) codebooks and scales with codes fixed: the loss is
+   quadratic in the codebooks, so `refit_iters` conjugate-gradient steps solve for them (the
+   paper's 100 Adam steps reach the same minimum more slowly), and each row scale has a closed
+   form;
+3. block fine-tuning (`_finetune.py`, after the block's seven matrices): Adam on every
    codebook, row scale and the two norm gains of the block, codes frozen, to match the float
    block's outputs on calibration inputs.
 
@@ -30,17 +32,16 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 
 import vqlib
 from vqlib import _checks
+from vqlib.llm import _finetune
 from vqlib.llm._common import fit_centroids
 from vqlib.llm._gptq import prepare
 from vqlib.llm._weights import CompressedWeight, coded_part
@@ -52,12 +53,10 @@ OPTIONS = (
     "num_codebooks",
     "beam",
     "rounds",
-    "adam_steps",
+    "refit_iters",
     "kmeans_iters",
-    "finetune_steps",
-    "finetune_sequences",
-    "finetune_lr",
     "damp",
+    *_finetune.OPTIONS,
 )
 
 
@@ -85,13 +84,11 @@ def check_options(bits, options: dict) -> dict:
         codebook_bits=b,
         num_codebooks=m,
         beam=_checks.check_int(options.get("beam", 4), "beam", low=1, high=64),
-        rounds=_checks.check_int(options.get("rounds", 2), "rounds", low=1),
-        adam_steps=_checks.check_int(options.get("adam_steps", 50), "adam_steps", low=0),
+        rounds=_checks.check_int(options.get("rounds", 3), "rounds", low=1),
+        refit_iters=_checks.check_int(options.get("refit_iters", 10), "refit_iters", low=0),
         kmeans_iters=_checks.check_int(options.get("kmeans_iters", 20), "kmeans_iters", low=1),
-        finetune_steps=_checks.check_int(options.get("finetune_steps", 20), "finetune_steps", low=0),
-        finetune_sequences=_checks.check_int(options.get("finetune_sequences", 4), "finetune_sequences", low=1),
-        finetune_lr=_checks.check_nonnegative_float(options.get("finetune_lr", 1e-4), "finetune_lr"),
         damp=_checks.check_nonnegative_float(options.get("damp", 0.01), "damp"),
+        **_finetune.check_options(options, steps=20),
     )
 
 
@@ -166,34 +163,47 @@ def beam_search(w, h, codebooks, scales, codes, *, beam: int):
     return codes
 
 
-def _loss(codebooks, scales, codes, w, h, norm):
-    diff = w - decode(codebooks, codes, scales)
-    return jnp.sum(jnp.dot(diff, h, precision=lax.Precision.HIGHEST) * diff) / norm
+def _adjoint(g, codes, scales, k: int):
+    """The transpose of `decode` in the codebooks: g (out, in) -> (M, K, gsize) sums of scaled groups."""
+    m, out, groups = codes.shape
+    pieces = (g * scales[:, None]).reshape(out * groups, -1)
+    return jnp.stack([jax.ops.segment_sum(pieces, codes[i].reshape(-1), num_segments=k) for i in range(m)])
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
-def update_codebooks(codebooks, scales, codes, w, h, *, steps: int):
-    """`steps` Adam steps on codebooks and scales, codes fixed; returns the best pair seen."""
-    norm = jnp.sum(jnp.dot(w, h, precision=lax.Precision.HIGHEST) * w) + 1e-30
-    params = (codebooks, scales)
-    opt = optax.adam(1e-3 * jnp.sqrt(jnp.mean(codebooks**2)))
+@functools.partial(jax.jit, static_argnames=("iters",))
+def refit(codebooks, scales, codes, w, h, *, iters: int):
+    """Codes fixed: least-squares codebooks by `iters` conjugate-gradient steps on
+    min_C tr((W - W_hat) H (W - W_hat)^T) (W_hat is linear in C), then the optimal row scales
+    s_i = <W_i H, v_i> / <v_i H, v_i> (v_i the unscaled decoded row), then CG again."""
+    k = codebooks.shape[1]
+    wh = jnp.dot(w, h, precision=lax.Precision.HIGHEST)
 
-    def loss(p):
-        return _loss(p[0], p[1], codes, w, h, norm)
+    def op(c, s):
+        return _adjoint(jnp.dot(decode(c, codes, s), h, precision=lax.Precision.HIGHEST), codes, s, k)
 
-    def step(carry, _):
-        p, state, best, best_loss = carry
-        value, grad = jax.value_and_grad(loss)(p)
-        better = value < best_loss
-        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), p, best)
-        best_loss = jnp.minimum(value, best_loss)
-        updates, state = opt.update(grad, state, p)
-        return (optax.apply_updates(p, updates), state, best, best_loss), None
+    def cg(c, s):
+        ridge = 1e-8 * jnp.mean(jnp.diagonal(h))
+        b = _adjoint(wh, codes, s, k)
+        r = b - op(c, s) - ridge * c
+        p, rr = r, jnp.sum(r * r)
 
-    init = (params, opt.init(params), params, loss(params))
-    (p, _, best, best_loss), _ = lax.scan(step, init, None, length=steps)
-    last = loss(p)
-    return jax.tree.map(lambda a, b: jnp.where(last < best_loss, a, b), p, best)
+        def step(carry, _):
+            c, r, p, rr = carry
+            ap = op(p, s) + ridge * p
+            alpha = rr / jnp.maximum(jnp.sum(p * ap), 1e-30)
+            c, r = c + alpha * p, r - alpha * ap
+            rr_new = jnp.sum(r * r)
+            p = r + (rr_new / jnp.maximum(rr, 1e-30)) * p
+            return (c, r, p, rr_new), None
+
+        (c, _, _, _), _ = lax.scan(step, (c, r, p, rr), None, length=iters)
+        return c
+
+    codebooks = cg(codebooks, scales)
+    v = decode(codebooks, codes, jnp.ones_like(scales))
+    vh = jnp.dot(v, h, precision=lax.Precision.HIGHEST)
+    scales = jnp.sum(wh * v, -1) / jnp.maximum(jnp.sum(vh * v, -1), 1e-30)
+    return cg(codebooks, scales), scales
 
 
 def _f16(x):
@@ -211,7 +221,7 @@ def compress_weight(
     num_codebooks: int,
     beam: int,
     rounds: int,
-    adam_steps: int,
+    refit_iters: int,
     kmeans_iters: int,
     damp: float,
     embedding: bool = False,
@@ -240,84 +250,8 @@ def compress_weight(
     scales = _f16(scales)
     for _ in range(rounds):
         codes = beam_search(wj, hj, codebooks, scales, codes, beam=beam)
-        if adam_steps:
-            codebooks, scales = update_codebooks(codebooks, scales, codes, wj, hj, steps=adam_steps)
+        if refit_iters:
+            codebooks, scales = refit(codebooks, scales, codes, wj, hj, iters=refit_iters)
             codebooks, scales = _f16(codebooks), _f16(scales)
     part = coded_part("aq", codes, codebooks, scales, bits=codebook_bits, shape=w.shape)
     return CompressedWeight((part,))
-
-
-# ----------------------------------------------------------------------------- block fine-tuning
-
-
-def _trainable(blk):
-    """The block's continuous parameters: per compressed matrix (codebooks, scales), and the norm gains."""
-    from vqlib.llm._model import LINEARS
-
-    mats = {}
-    for name in LINEARS:
-        part = getattr(blk, name).parts[0]
-        mats[name] = (part.codebooks.astype(jnp.float32), part.scales.astype(jnp.float32))
-    return mats, (blk.attn_norm, blk.mlp_norm)
-
-
-def _codes(blk):
-    from vqlib.llm._model import LINEARS
-
-    return {name: getattr(blk, name).parts[0].lut_weight().codes for name in LINEARS}
-
-
-@functools.partial(jax.jit, static_argnames=("steps",))
-def _finetune(mats, norms, codes, blk, config, h, target, lr, *, steps: int):
-    from vqlib.llm._compress import block_outputs
-
-    def build(p):
-        mats, norms = p
-        dense = {name: decode(cb, codes[name], s) for name, (cb, s) in mats.items()}
-        return dataclasses.replace(blk, attn_norm=norms[0], mlp_norm=norms[1], **dense)
-
-    scale = jnp.mean((target - h) ** 2)  # the block's own contribution to the residual stream
-
-    def loss(p):
-        return jnp.mean((block_outputs(build(p), config, h) - target) ** 2) / scale
-
-    opt = optax.adam(lr)
-    params = (mats, norms)
-
-    def step(carry, _):
-        p, state, best, best_loss = carry
-        value, grad = jax.value_and_grad(loss)(p)
-        better = value < best_loss
-        best = jax.tree.map(lambda a, b: jnp.where(better, a, b), p, best)
-        best_loss = jnp.minimum(value, best_loss)
-        updates, state = opt.update(grad, state, p)
-        return (optax.apply_updates(p, updates), state, best, best_loss), None
-
-    first = loss(params)
-    (p, _, best, best_loss), _ = lax.scan(step, (params, opt.init(params), params, first), None, length=steps)
-    last = loss(p)
-    return jax.tree.map(lambda a, b: jnp.where(last < best_loss, a, b), p, best), first, jnp.minimum(last, best_loss)
-
-
-def finetune_block(
-    key, blk, float_blk, config, h, *, finetune_steps: int, finetune_sequences: int, finetune_lr: float, **_
-):
-    """Adam on the block's codebooks, scales and norm gains (codes frozen) to match the float block."""
-    from vqlib.llm._compress import block_outputs
-
-    if finetune_steps == 0:
-        return blk
-    pick = jax.random.choice(key, h.shape[0], (min(finetune_sequences, h.shape[0]),), replace=False)
-    hs = h[pick]
-    target = block_outputs(float_blk, config, hs)
-    mats, norms = _trainable(blk)
-    (mats, norms), _, _ = _finetune(
-        mats, norms, _codes(blk), blk, config, hs, target, finetune_lr, steps=finetune_steps
-    )
-    new = {}
-    for name, (cb, s) in mats.items():
-        part = getattr(blk, name).parts[0]
-        new[name] = CompressedWeight(
-            (dataclasses.replace(part, codebooks=cb.astype(jnp.float16), scales=s.astype(jnp.float16)),)
-        )
-    return dataclasses.replace(blk, attn_norm=norms[0], mlp_norm=norms[1], **new)

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from vqlib import _checks
+from vqlib.llm import _finetune
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._eval import as_tokens
 from vqlib.llm._model import LINEARS, Block, Model, Params, attention_context, mlp_hidden, rms_norm, rope_tables
@@ -157,14 +158,37 @@ def _progress(desc: str, total: int, enabled: bool):
     return step
 
 
-def _weights(params: Params):
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What compress() replaces: the blocks `layers`, the embedding / head if `embedding`."""
+
+    layers: frozenset
+    embedding: bool
+    opts: dict
+    head_opts: dict
+
+
+def _weights(params: Params, plan: Plan):
     """(name, weight) of every matrix compress() replaces."""
     for i, blk in enumerate(params.blocks):
-        for name in LINEARS:
-            yield f"blocks.{i}.{name}", getattr(blk, name)
-    yield "embed", params.embed
-    if params.lm_head is not None:
-        yield "lm_head", params.lm_head
+        if i in plan.layers:
+            for name in LINEARS:
+                yield f"blocks.{i}.{name}", getattr(blk, name)
+    if plan.embedding:
+        yield "embed", params.embed
+        if params.lm_head is not None:
+            yield "lm_head", params.lm_head
+
+
+def _compress_head(mod, plan: Plan, key, params: Params, head_hessian):
+    """(embed, lm_head): the tied embedding from the head's Hessian; an untied one from identity."""
+    if not plan.embedding:
+        return params.embed, params.lm_head
+    opts = plan.head_opts
+    if params.lm_head is None:
+        return mod.compress_weight(key, params.embed, head_hessian, embedding=True, **opts), None
+    embed = mod.compress_weight(key, params.embed, None, embedding=True, **opts)
+    return embed, mod.compress_weight(jax.random.fold_in(key, 1), params.lm_head, head_hessian, **opts)
 
 
 def compress(
@@ -175,6 +199,8 @@ def compress(
     calibration=None,
     key=None,
     head_bits: int | None = None,
+    layers=None,
+    compress_embedding: bool = True,
     num_sequences: int = 64,
     seq_len: int = 512,
     progress: bool = False,
@@ -212,7 +238,12 @@ def compress(
     mod = method_module(method)
     opts = mod.check_options(bits, dict(options))
     head_opts = mod.check_options(bits if head_bits is None else head_bits, dict(options))
-    for name, w in _weights(model.params):
+    num_blocks = len(model.params.blocks)
+    layers = tuple(range(num_blocks)) if layers is None else tuple(layers)
+    for i in layers:
+        _checks.check_int(i, "layers[i]", low=0, high=num_blocks - 1)
+    plan = Plan(frozenset(layers), bool(compress_embedding), opts, head_opts)
+    for name, w in _weights(model.params, plan):
         if isinstance(w, CompressedWeight) or not hasattr(w, "dtype"):
             raise ValueError(f"{name} is already compressed; compress the float model")
         mod.check_shape(name, w.shape, **(head_opts if name in ("embed", "lm_head") else opts))
@@ -227,13 +258,15 @@ def compress(
     if mod.NEEDS_CALIBRATION:
         data_key, key = jax.random.split(key)
         wins = calibration_windows(model, calibration, num_sequences=num_sequences, seq_len=seq_len, key=data_key)
-        params = _sequential(model, mod, opts, head_opts, wins, key, progress, method)
+        params = _sequential(model, mod, plan, wins, key, progress, method)
     else:
-        params = _independent(model, mod, opts, head_opts, key, progress, method)
+        params = _independent(model, mod, plan, key, progress, method)
     params = jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     compressed = Model(model.config, params, model.tokenizer, ())
-    record = dict(opts, head_bits=head_opts["bits"])
+    record = dict(opts, head_bits=head_opts["bits"] if plan.embedding else None)
+    if len(layers) < num_blocks:
+        record["layers"] = list(layers)
     if mod.NEEDS_CALIBRATION:
         record |= dict(num_sequences=len(wins), seq_len=seq_len)
     info = (
@@ -246,22 +279,23 @@ def compress(
     return dataclasses.replace(compressed, info=info)
 
 
-def _independent(model, mod, opts, head_opts, key, progress, method) -> Params:
+def _independent(model, mod, plan: Plan, key, progress, method) -> Params:
     params = model.params
     step = _progress(f"compress {method}", len(params.blocks) + 1, progress)
     blocks = []
     for i, blk in enumerate(params.blocks):
-        new = {
-            name: mod.compress_weight(jax.random.fold_in(key, 16 * i + j), getattr(blk, name), None, **opts)
-            for j, name in enumerate(LINEARS)
-        }
-        blocks.append(dataclasses.replace(blk, **new))
+        if i in plan.layers:
+            keys = jax.random.split(jax.random.fold_in(key, i), len(LINEARS))
+            blk = dataclasses.replace(
+                blk,
+                **{
+                    n: mod.compress_weight(k, getattr(blk, n), None, **plan.opts)
+                    for n, k in zip(LINEARS, keys, strict=True)
+                },
+            )
+        blocks.append(blk)
         step(i + 1)
-    head_key = jax.random.fold_in(key, 1 << 20)
-    embed = mod.compress_weight(head_key, params.embed, None, embedding=True, **head_opts)
-    lm_head = None
-    if params.lm_head is not None:
-        lm_head = mod.compress_weight(jax.random.fold_in(head_key, 1), params.lm_head, None, **head_opts)
+    embed, lm_head = _compress_head(mod, plan, jax.random.fold_in(key, 1 << 20), params, None)
     step(len(params.blocks) + 1)
     return Params(embed=embed, blocks=tuple(blocks), final_norm=params.final_norm, lm_head=lm_head)
 
@@ -285,28 +319,29 @@ def _compress_block(mod, opts, key, float_blk: Block, config: LlamaConfig, h) ->
     blk = dataclasses.replace(blk, w_gate=comp("w_gate", hm), w_up=comp("w_up", hm))
     g = _batched(_mlp, blk, x=m)
     blk = dataclasses.replace(blk, w_down=comp("w_down", hessian(g)))
-    if hasattr(mod, "finetune_block"):
-        blk = mod.finetune_block(next(keys), blk, float_blk, config, h, **opts)
+    tune = {name: opts[name] for name in _finetune.OPTIONS if name in opts}
+    if tune.get("finetune_steps"):
+        blk, _ = _finetune.finetune_block(next(keys), blk, float_blk, config, h, **tune)
     return blk
 
 
-def _sequential(model, mod, opts, head_opts, wins, key, progress, method) -> Params:
+def _sequential(model, mod, plan: Plan, wins, key, progress, method) -> Params:
     params, config = model.params, model.config
     step = _progress(f"compress {method}", len(params.blocks) + 1, progress)
     h = jnp.take(params.embed, jnp.asarray(wins), axis=0)  # (s, t, dim): the float embedding
     blocks = []
+    last = max(plan.layers, default=-1)
     for i, blk in enumerate(params.blocks):
-        blk = _compress_block(mod, opts, jax.random.fold_in(key, i), blk, config, h)
+        if i > last and not plan.embedding:
+            blocks.append(blk)  # nothing compressed from here on: no need to run the rest
+            step(i + 1)
+            continue
+        if i in plan.layers:
+            blk = _compress_block(mod, plan.opts, jax.random.fold_in(key, i), blk, config, h)
         h = _batched(block_outputs, blk, config, x=h)
         blocks.append(blk)
         step(i + 1)
-    hn = _norm(h, params.final_norm, config.norm_eps)
-    head_key = jax.random.fold_in(key, 1 << 20)
-    if params.lm_head is None:
-        embed = mod.compress_weight(head_key, params.embed, hessian(hn), embedding=True, **head_opts)
-        lm_head = None
-    else:
-        embed = mod.compress_weight(head_key, params.embed, None, embedding=True, **head_opts)
-        lm_head = mod.compress_weight(jax.random.fold_in(head_key, 1), params.lm_head, hessian(hn), **head_opts)
+    head_hessian = hessian(_norm(h, params.final_norm, config.norm_eps)) if plan.embedding else None
+    embed, lm_head = _compress_head(mod, plan, jax.random.fold_in(key, 1 << 20), params, head_hessian)
     step(len(params.blocks) + 1)
     return Params(embed=embed, blocks=tuple(blocks), final_norm=params.final_norm, lm_head=lm_head)

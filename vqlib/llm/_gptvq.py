@@ -31,6 +31,7 @@ import optax
 from jax import lax
 
 from vqlib import _checks
+from vqlib.llm import _finetune
 from vqlib.llm._common import fit_centroids
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, coded_part
@@ -42,7 +43,16 @@ VECTOR_DIMS = (1, 2, 4)
 DEFAULT_DIM = {1: 4, 2: 4, 3: 2, 4: 2}
 # Target columns per codebook by vector dimension (the nearest divisor of `in` is used).
 DEFAULT_GROUP_COLS = {1: 128, 2: 128, 4: 256}
-OPTIONS = ("vector_dim", "group_cols", "kmeans_iters", "points_per_centroid", "update_steps", "row_scale", "damp")
+OPTIONS = (
+    "vector_dim",
+    "group_cols",
+    "kmeans_iters",
+    "points_per_centroid",
+    "update_steps",
+    "row_scale",
+    "damp",
+    *_finetune.OPTIONS,
+)
 
 
 def check_options(bits, options: dict) -> dict:
@@ -70,6 +80,7 @@ def check_options(bits, options: dict) -> dict:
         update_steps=_checks.check_int(options.get("update_steps", 25), "update_steps", low=0),
         row_scale=bool(options.get("row_scale", True)),
         damp=_checks.check_nonnegative_float(options.get("damp", 0.01), "damp"),
+        **_finetune.check_options(options),
     )
 
 
@@ -134,7 +145,8 @@ def _update_codebooks(codebooks, codes, scales, w, hessian, *, d: int, steps: in
         better = value < best_loss
         best = jnp.where(better, cb, best)
         best_loss = jnp.where(better, value, best_loss)
-        updates, state = opt.update(grad, state, cb)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 step counts
+            updates, state = opt.update(grad, state, cb)
         return (optax.apply_updates(cb, updates), state, best, best_loss), None
 
     init = (codebooks, opt.init(codebooks), codebooks, loss(codebooks))
@@ -156,6 +168,7 @@ def compress_weight(
     row_scale: bool,
     damp: float,
     embedding: bool = False,
+    **_,
 ) -> CompressedWeight:
     """GPTVQ of one (out, in) weight given its input Hessian (None: identity)."""
     del embedding  # no rotation: rows can be decoded one at a time as they are

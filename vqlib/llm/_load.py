@@ -26,6 +26,14 @@ from vqlib.llm._model import Block, Model, Params, check_params, tokenizer_bytes
 ARCHITECTURES = ("llama",)
 
 
+def _transformers():
+    """transformers, imported without its advice that PyTorch is missing (vqlib never needs torch)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    return transformers
+
+
 def _refuse(path, arch) -> ValueError:
     return ValueError(
         f"{path}: architecture {arch!r} is not supported; vqlib.llm reads Llama-family decoders "
@@ -53,6 +61,7 @@ def _float32(value) -> float:
 
 
 def _gguf_tokenizer(reader, path):
+    _transformers()
     from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     if _field(reader, "tokenizer.ggml.tokens") is None:
@@ -150,9 +159,7 @@ def _hf_config(folder: str) -> LlamaConfig:
         arch = json.load(f).get("model_type")
     if arch not in ARCHITECTURES:
         raise _refuse(folder, arch)
-    import transformers
-
-    cfg = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    cfg = _transformers().AutoConfig.from_pretrained(folder, local_files_only=True)
     rope = getattr(cfg, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
@@ -183,9 +190,7 @@ def _hf_tokenizer(folder: str):
         raise ValueError(
             f"{folder} has no tokenizer (none of {', '.join(names)}); copy the model's tokenizer files into it"
         )
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tok = _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"{folder}: the tokenizer is not a fast (tokenizers) tokenizer; add a tokenizer.json")

