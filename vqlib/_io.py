@@ -317,9 +317,9 @@ def _strict_json(text, path: str, what: str):
     try:
         return json.loads(text)
     except RecursionError:
-        raise ValueError(f"{path}: {what} nests too deeply; the file is damaged or not from vqlib.save") from None
+        raise _unreadable(path, f"{what} nests too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({e}); the file is damaged") from None
+        raise _unreadable(path, f"{what} is not valid JSON ({e})") from None
 
 
 def _read_header(f, path: str, size: int) -> tuple[dict, int]:
@@ -387,6 +387,8 @@ def _check_entries(header: dict, path: str, data_size: int) -> dict[str, tuple[n
         begin, end = offsets
         if not 0 <= begin <= end <= data_size:
             raise _unreadable(path, f"tensor {name!r} spans bytes {begin}..{end} of a {data_size}-byte data section")
+        if math.prod(s for s in shape if s) * dtype.itemsize > 2**62:  # numpy could not make it, even empty
+            raise _unreadable(path, f"tensor {name!r} has shape {tuple(shape)}, too large for any array")
         if math.prod(shape) * dtype.itemsize != end - begin:
             raise _unreadable(
                 path, f"tensor {name!r} of shape {tuple(shape)} {dtype.name} would take "
