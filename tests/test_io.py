@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -336,3 +339,137 @@ def test_crafted_header_type_must_match_the_tree(tmp_path):
 def test_crafted_format_version_must_be_a_number(tmp_path):
     with pytest.raises(ValueError, match="format_version"):
         vqlib.load(_craft(tmp_path / "bad.vq", _GOOD, _CENTROIDS, version="abc"))
+
+
+def test_format_version_zero_and_non_ascii_digits_are_refused(tmp_path):
+    for version in ("0", "-1", "²"):
+        path = _craft(tmp_path / "bad.vq", _GOOD, _CENTROIDS, version=version)
+        with pytest.raises(ValueError, match="format_version") as info:
+            vqlib.load(path)
+        assert str(path) in str(info.value)
+
+
+def test_expect_must_be_a_type(saved):
+    with pytest.raises(TypeError, match="expect"):
+        vqlib.load(saved, expect="KMeansCodebook")
+
+
+# ----------------------------------------------------------------------------- HMAC
+
+
+def test_hmac_round_trip(tmp_path, codebook):
+    path = tmp_path / "signed.vq"
+    vqlib.save(path, codebook, hmac_key=b"k" * 32)
+    _assert_bit_exact(vqlib.load(path, hmac_key=b"k" * 32), codebook)
+    _assert_bit_exact(vqlib.load(path, hmac_key="k" * 32), codebook)  # a str key is its UTF-8 bytes
+    _assert_bit_exact(vqlib.load(path), codebook)  # the checksum alone still verifies it
+
+
+def test_hmac_wrong_key_is_refused(tmp_path, codebook):
+    path = tmp_path / "signed.vq"
+    vqlib.save(path, codebook, hmac_key=b"right key")
+    with pytest.raises(ValueError, match="HMAC") as info:
+        vqlib.load(path, hmac_key=b"wrong key")
+    assert str(path) in str(info.value)
+
+
+def test_hmac_catches_an_edit_with_a_recomputed_checksum(tmp_path, codebook):
+    # what the plain checksum cannot catch: an edited tensor whose sha256 was recomputed
+    path = tmp_path / "signed.vq"
+    vqlib.save(path, codebook, hmac_key=b"secret")
+    with safetensors.safe_open(path, "numpy") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["centroids"] = tensors["centroids"] + np.float32(1.0)
+    metadata["checksum"] = vqlib._io._checksum(metadata["tree"], tensors)
+    safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
+    assert float(vqlib.load(path).centroids[0, 0]) == float(codebook.centroids[0, 0]) + 1  # no key: accepted
+    with pytest.raises(ValueError, match="HMAC"):
+        vqlib.load(path, hmac_key=b"secret")
+
+
+def test_hmac_key_given_for_an_unsigned_file(saved):
+    with pytest.raises(ValueError, match="no HMAC") as info:
+        vqlib.load(saved, hmac_key=b"secret")
+    assert str(saved) in str(info.value)
+
+
+@pytest.mark.parametrize("secret,error", [(b"", ValueError), (123, TypeError), (["k"], TypeError)])
+def test_bad_hmac_keys(tmp_path, codebook, secret, error):
+    with pytest.raises(error, match="hmac_key"):
+        vqlib.save(tmp_path / "x.vq", codebook, hmac_key=secret)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- temp files of killed writers
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _temp(folder, pid, host=None, tag="abcd1234"):
+    path = folder / f".vqlib-{host or vqlib._io._HOST}.{pid}.{tag}.tmp"
+    path.write_bytes(b"partial write")
+    return path
+
+
+def test_temp_name_records_host_and_pid(tmp_path, codebook, monkeypatch):
+    names = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (names.append(os.path.basename(src)), replace(src, dst)))
+    vqlib.save(tmp_path / "cb.vq", codebook)
+    assert len(names) == 1 and names[0].startswith(f".vqlib-{vqlib._io._HOST}.{os.getpid()}.")
+    assert names[0].endswith(".tmp")
+
+
+def test_save_removes_temp_files_of_dead_writers(tmp_path, codebook):
+    stale = [_temp(tmp_path, _dead_pid(), tag=f"dead{i}") for i in range(2)]
+    other_folder = tmp_path / "other"
+    other_folder.mkdir()
+    elsewhere = _temp(other_folder, _dead_pid())
+    vqlib.save(tmp_path / "cb.vq", codebook)
+    assert not any(p.exists() for p in stale)
+    assert elsewhere.exists()  # only the folder saved into is cleaned
+    assert _temp_files(tmp_path) == []
+
+
+def test_save_keeps_temp_files_of_live_writers(tmp_path, codebook):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = [
+            _temp(tmp_path, sleeper.pid),
+            _temp(tmp_path, os.getpid()),  # another thread of this process may be writing it
+            _temp(tmp_path, _dead_pid(), host="another-host"),  # a pid of another machine: unknown here
+            tmp_path / ".vqlib-k2j4x9ab.tmp",  # an older vqlib's name (no pid), written just now
+        ]
+        live[-1].write_bytes(b"partial")
+        old = tmp_path / ".vqlib-zzzz1111.tmp"  # the same, untouched for two hours: stale
+        old.write_bytes(b"partial")
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
+        vqlib.save(tmp_path / "cb.vq", codebook)
+        assert all(p.exists() for p in live)
+        assert not old.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    vqlib.save(tmp_path / "cb.vq", codebook)
+    assert not live[0].exists()  # its writer is gone now
+
+
+def test_killed_but_unreaped_writer_counts_as_dead(tmp_path, codebook):
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:  # exited, not yet waited for: a zombie
+            with open(f"/proc/{zombie.pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[-1].split()[0] == b"Z":
+                    break
+            time.sleep(0.05)
+        stale = _temp(tmp_path, zombie.pid)
+        vqlib.save(tmp_path / "cb.vq", codebook)
+        assert not stale.exists()
+    finally:
+        zombie.wait()
