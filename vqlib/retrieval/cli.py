@@ -15,7 +15,7 @@ import numpy as np
 
 from vqlib import _io
 from vqlib._types import METRICS
-from vqlib.retrieval._index import KINDS, Index, build, bytes_per_vector
+from vqlib.retrieval._index import KINDS, Index, _check_ids, build, bytes_per_vector
 from vqlib.retrieval._search import search
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> None:
     if args.index_command == "build":
         _check_output(args.output, "index")
         x = read_npy(args.data, "data", 2)
-        ids = None if args.ids is None else np.asarray(read_npy(args.ids, "ids", 1))
+        ids = None
+        if args.ids is not None:  # checked before training, which can take long
+            ids = _check_ids(np.asarray(read_npy(args.ids, "ids", 1)), x.shape[0], np.empty(0, np.int64))
         options = _fit_options(args, x.shape[1])
         start = time.perf_counter()
         index = build(
