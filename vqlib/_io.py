@@ -134,7 +134,7 @@ def _digest(h, tree_json: str, tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}|{t.dtype.str}|{t.shape}".encode())
-        h.update(np.ascontiguousarray(t).tobytes())
+        h.update(np.ascontiguousarray(t).reshape(-1).view(np.uint8))  # no copy of a contiguous tensor
     return h.hexdigest()
 
 
@@ -552,7 +552,7 @@ def _decode(node, tensors: dict[str, np.ndarray], where: str = ""):
             detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             raise _Invalid(f"an invalid {node['type']}" + (f" at {where}" if where else "") + f": {detail}") from None
         return obj
-    array = tensors[node["tensor"]]
+    array = tensors.pop(node["tensor"])  # each tensor is used once: its buffer goes with the array made of it
     if node["dtype"] in _VIEWED:
         array = array.view(getattr(ml_dtypes, node["dtype"]))
     if "prng_impl" in node:
