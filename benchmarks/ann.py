@@ -38,6 +38,7 @@ from vqlib import retrieval
 from vqlib.testing import clustered
 
 HERE = pathlib.Path(__file__).resolve().parent
+ADDITIVE_TRAIN = 65_536  # vectors the RVQ / AQ (faiss: RQ / LSQ) codebooks are trained on
 GLOVE = HERE.parents[1] / "shared" / "data" / "glove-6b-50d"
 
 
@@ -98,6 +99,24 @@ def configs(d: int, nlist: int) -> list[dict]:
             sweep=probes,
         ),
         dict(name="sign codes + re-rank", kind="rabitq", opts={}, factory="RaBitQ", sweep=[1, 2, 5, 10, 20, 50]),
+        # additive codes at the IVF-PQ row's bytes: m8 - 4 one-byte codes plus a float32 ||x_hat||^2
+        # per vector (faiss's "_Nfloat" search type), trained on the same number of vectors
+        dict(
+            name=f"IVF-RVQ {m8 - 4}x8",
+            kind="rvq",
+            opts=dict(nlist=nlist, m=m8 - 4, k=256, beam=4, train_size=ADDITIVE_TRAIN),
+            factory=f"IVF{nlist},RQ{m8 - 4}x8_Nfloat",
+            sweep=probes,
+            train=ADDITIVE_TRAIN,
+        ),
+        dict(
+            name=f"IVF-AQ {m8 - 4}x8",
+            kind="aq",
+            opts=dict(nlist=nlist, m=m8 - 4, k=256, beam=8, max_iter=10, train_size=ADDITIVE_TRAIN),
+            factory=f"IVF{nlist},LSQ{m8 - 4}x8_Nfloat",
+            sweep=probes,
+            train=ADDITIVE_TRAIN,
+        ),
     ]
 
 
@@ -162,8 +181,11 @@ def run_faiss(cfg, base, queries, truth, metric, stop) -> dict:
         base = base / np.linalg.norm(base, axis=1, keepdims=True)
         queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     index = _faiss_index(cfg, base.shape[1], metric)
+    train = base
+    if "train" in cfg and len(base) > cfg["train"]:  # the additive codebooks' training sample
+        train = base[np.random.default_rng(0).choice(len(base), cfg["train"], replace=False)]
     start = time.perf_counter()
-    index.train(base)
+    index.train(train)
     index.add(base)
     build_s = time.perf_counter() - start
 
@@ -172,7 +194,7 @@ def run_faiss(cfg, base, queries, truth, metric, stop) -> dict:
         if cfg["kind"] == "rabitq":
             params = faiss.IndexRefineSearchParameters(k_factor=p)
         elif cfg["kind"] != "pqfs":
-            ivf = faiss.extract_index_ivf(index)
+            ivf = faiss.extract_index_ivf(index)  # IVF-RQ / IVF-LSQ: beam and ILS search at their defaults
             if p > ivf.nlist:
                 return None
             ivf.nprobe = p
@@ -183,6 +205,8 @@ def run_faiss(cfg, base, queries, truth, metric, stop) -> dict:
     points = sweep("faiss", cfg, search_at, queries, truth, stop)
     if cfg["kind"] == "ivfflat":
         code_bytes = 4 * base.shape[1]
+    elif cfg["kind"] in ("rvq", "aq"):
+        code_bytes = int(faiss.extract_index_ivf(index).code_size)
     elif cfg["kind"] == "rabitq":
         code_bytes = int(faiss.downcast_index(index.base_index).code_size)
     else:  # code bytes (re-ranking's raw vectors not counted, for either library)

@@ -182,11 +182,11 @@ def memory_probe(mode: str, side: int):
     """In this (fresh) process: peak RSS of DKM's value and gradient on a side x side weight,
     k = 16, 3 iterations; `mode` "tiled" (vqlib) or "plain" (autodiff through the formulas)."""
 
-    def plain(w, c, tau=0.01, num_iters=3):
+    def plain(w, c, tau=0.01, max_iter=3):
         def attention(c):
             return jax.nn.softmax(-jnp.sum(jnp.square(w[:, None, :] - c[None]), axis=2) / tau, axis=1)
 
-        for _ in range(num_iters):
+        for _ in range(max_iter):
             a = attention(c)
             c = a.T @ w / jnp.sum(a, axis=0)[:, None]
         return attention(c) @ c
@@ -194,7 +194,7 @@ def memory_probe(mode: str, side: int):
     w = jax.random.normal(jax.random.key(0), (side * side, 1)).block_until_ready()
     c = jnp.linspace(-2.0, 2.0, 16)[:, None]
     rss = process_memory("VmRSS")
-    soft = (lambda w, c: vqlib.codebooks.dkm(w, c, tau=0.01, num_iters=3)[0]) if mode == "tiled" else plain
+    soft = (lambda w, c: vqlib.codebooks.dkm(w, c, tau=0.01, max_iter=3)[0]) if mode == "tiled" else plain
     step = jax.jit(jax.value_and_grad(lambda w, c: jnp.sum(soft(w, c) ** 2), argnums=(0, 1)))
     start = time.perf_counter()
     jax.block_until_ready(step(w, c))
@@ -202,7 +202,7 @@ def memory_probe(mode: str, side: int):
     start = time.perf_counter()
     jax.block_until_ready(step(w, c))
     peak = process_memory("VmHWM")
-    result = {"mode": mode, "side": side, "k": 16, "num_iters": 3, "rss_before_gb": rss / 2**30}
+    result = {"mode": mode, "side": side, "k": 16, "max_iter": 3, "rss_before_gb": rss / 2**30}
     result |= {"peak_rss_gb": peak / 2**30, "seconds_first_call": first, "seconds": time.perf_counter() - start}
     print(json.dumps(result))
 

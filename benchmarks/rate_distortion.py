@@ -136,7 +136,7 @@ def run_additive(method, max_bits, train, test, queries, key, **options):
     for m in stages if method == "aq" else stages[-1:]:
         cb, fit_s = timed(vqlib.fit, train, method, key=key, m=m, **options)
         for prefix in stages if method == "rvq" else [m]:
-            sub = AdditiveCodebook(cb.codebooks[:prefix], beam=cb.beam, sweeps=cb.sweeps)
+            sub = AdditiveCodebook(cb.codebooks[:prefix], beam=cb.beam, icm_iter=cb.icm_iter)
             codes, enc_s = timed(vqlib.encode, sub, test)
             rows.append(
                 measure(
@@ -188,7 +188,7 @@ def run_dataset(name, train, test, queries, *, aq_bits: int, key) -> list[dict]:
             flush=True,
         )
     rows += run_additive("rvq", 4, train, test, queries, key)
-    rows += run_additive("aq", aq_bits, train, test, queries, key, beam=8, sweeps=2, num_rounds=3)
+    rows += run_additive("aq", aq_bits, train, test, queries, key, beam=8, icm_iter=2, max_iter=3)
     rows += run_faiss_sq(train, test, queries)
     for r in rows:
         r["dataset"] = name

@@ -21,15 +21,53 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_float_array(x, name: str, *, ndim: int | None = None) -> jax.Array:
-    """Returns `x` as a JAX array after checking it is a finite floating array of rank `ndim`."""
+def check_float_array(x, name: str, *, ndim: int | None = None, vectors: bool = False) -> jax.Array:
+    """Returns `x` as a JAX array after checking it is a finite floating array of rank `ndim`;
+    `vectors`: also that squared distances between its rows fit float32 (see `check_scale`)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = np.asarray(x)
     check_float_dtype(x, name)
     if ndim is not None:
         check_rank(x, ndim, name, "; reshape it to (n, d) or use jax.vmap for a batch of problems" if ndim == 2 else "")
     check_finite(x, name)
+    if vectors:
+        check_scale(x, name)
     return jnp.asarray(x)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+SMALLEST_SCALE = 1e-17  # max |x| below this: squared entries (< 1e-34) near float32's smallest normal
+
+
+@jax.jit
+def _max_abs(x):
+    return jnp.max(jnp.abs(x.astype(jnp.float32))) if x.size else jnp.float32(0)
+
+
+def largest_scale(d: int) -> float:
+    """The largest max |x| whose squared distances in d dimensions (up to 4 d max|x|^2) stay 16x
+    below float32's largest number."""
+    return (_FLOAT32_MAX / (64.0 * max(d, 1))) ** 0.5
+
+
+def check_scale(x, name: str) -> None:
+    """ValueError when a concrete x's magnitude makes float32 squared distances overflow to inf or
+    underflow to 0 (the scores, then the codes and neighbours, would be wrong); all-zero x is fine."""
+    if not is_concrete(x) or x.size == 0:
+        return
+    with jax.ensure_compile_time_eval():
+        largest = float(np.max(np.abs(x))) if isinstance(x, np.ndarray) else float(_max_abs(x))
+    d = x.shape[-1] if x.ndim else 1
+    if largest > largest_scale(d):
+        raise ValueError(
+            f"{name} has entries up to {largest:.3g} in magnitude: float32 squared distances (up to 4 d max|x|^2) "
+            f"would overflow; rescale {name} to a magnitude near 1 (e.g. divide it by {largest:.3g})"
+        )
+    if 0 < largest < SMALLEST_SCALE:
+        raise ValueError(
+            f"{name} has entries of at most {largest:.3g} in magnitude: float32 squared distances would underflow "
+            f"to 0; rescale {name} to a magnitude near 1 (e.g. multiply it by {1 / largest:.3g})"
+        )
 
 
 @jax.jit
@@ -83,6 +121,15 @@ def check_num_codes(k, n: int, name: str = "k") -> int:
     if k > n:
         raise ValueError(f"{name}={k} is larger than the number of vectors n={n}; use {name} <= {n} or more data")
     return k
+
+
+def check_positive_float(value, name: str) -> float:
+    """A finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_nonnegative_float(value, name: str) -> float:

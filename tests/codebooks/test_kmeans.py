@@ -95,6 +95,27 @@ def test_inertia_matches_faiss_and_sklearn_from_the_same_init(data):
         assert abs(ours_i - peer) <= 5e-3 * peer  # measured: equal to ~1e-7 when written
 
 
+def test_spherical_kmeans_matches_faiss_spherical_from_the_same_init(data):
+    """metric="cos": unit centroids renormalised after every update, nearest by inner product; the
+    same iterates as faiss.Kmeans(spherical=True) from the same initial centroids."""
+    faiss = pytest.importorskip("faiss")
+    k, num_iters = 30, 15
+    x = np.asarray(data)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    init = np.asarray(vqlib.fit(x, "kmeans", k=k, max_iter=0).centroids)
+    ours = vqlib.fit(x, "kmeans", k=k, init=init, max_iter=num_iters, tol=0.0, metric="cos")
+    fk = faiss.Kmeans(x.shape[1], k, niter=num_iters, max_points_per_centroid=10**9, seed=1, spherical=True)
+    fk.train(x, init_centroids=init / np.linalg.norm(init, axis=1, keepdims=True))
+    c = np.asarray(ours.centroids, np.float64)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
+    # the objective of spherical k-means: the sum of each point's best cosine, compared in float64
+    ours_obj = (x @ c.T).max(1).sum()
+    faiss_obj = (x @ np.asarray(fk.centroids, np.float64).T).max(1).sum()
+    assert abs(ours_obj - faiss_obj) <= 1e-4 * faiss_obj  # measured: equal to ~1e-7 when written
+    np.testing.assert_allclose(c, fk.centroids, atol=1e-3)  # the same centroids, not only the same score
+    assert (x @ c.T).max(1).sum() > (x @ np.asarray(init, np.float64).T / np.linalg.norm(init, axis=1)).max(1).sum()
+
+
 def test_stops_when_every_point_sits_on_a_centroid():
     x = jnp.repeat(jnp.eye(5, dtype=jnp.float32), 7, axis=0)  # 5 distinct points, 7 copies each
     cb = vqlib.fit(x, "kmeans", k=5, max_iter=100)

@@ -148,7 +148,7 @@ def _errors(codebooks, codes, x):
 
 
 def _check_common(x, m, k, beam, sample_weight):
-    x = _checks.check_float_array(x, "x", ndim=2)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
     m = _checks.check_int(m, "m", low=1)
     k = _checks.check_num_codes(k, x.shape[0])
     beam = _checks.check_int(beam, "beam", low=1)

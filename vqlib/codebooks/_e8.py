@@ -266,7 +266,7 @@ def _best_step(y, *, kind: str, bits: int):
 
 
 def _fit(key, x, *, kind: str, bits: int, rotation, rms_scale) -> E8Codebook:
-    x = _checks.check_float_array(x, "x", ndim=2)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
     if x.shape[1] % _BLOCK:
         padded = _BLOCK * -(-x.shape[1] // _BLOCK)
         raise ValueError(
@@ -275,8 +275,8 @@ def _fit(key, x, *, kind: str, bits: int, rotation, rms_scale) -> E8Codebook:
         )
     if rotation is not None and rotation not in ROTATIONS:
         raise ValueError(f"rotation must be one of {ROTATIONS} or None, got {rotation!r}")
-    if rms_scale is not None and (_checks.check_nonnegative_float(rms_scale, "rms_scale") == 0):
-        raise ValueError("rms_scale must be > 0 (QuIP#'s default is 1.03), or None to fit the step")
+    if rms_scale is not None:  # QuIP#'s default is 1.03; None fits the step
+        rms_scale = _checks.check_positive_float(rms_scale, "rms_scale")
     rotation_key, sample_key = jax.random.split(key)
     rot = None if rotation is None else random_rotation(rotation_key, x.shape[1], kind=rotation)
     unit = E8Codebook(jnp.ones((), jnp.float32), rot, x.shape[1], bits, kind)
@@ -345,7 +345,7 @@ def fit_e8p(
     first = _fit(first_key, x, kind="e8p", bits=2, rotation=rotation, rms_scale=rms_scale)
     if bits == 2:
         return first
-    x = _checks.check_float_array(x, "x", ndim=2).astype(jnp.float32)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True).astype(jnp.float32)
     left = x - _decode(first, _encode(first, x))
     kind, stage_bits = ("e8", 1) if bits == 3 else ("e8p", 2)
     second = _fit(second_key, left, kind=kind, bits=stage_bits, rotation=None, rms_scale=None)

@@ -382,7 +382,7 @@ def fit_kmeans(
         >>> cb.centroids.shape
         (16, 8)
     """
-    x = _checks.check_float_array(x, "x", ndim=2)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
     w, init_array, static = _fit_options(
         x,
         k,
@@ -433,7 +433,7 @@ def fit_kmeans_batched(key, xs: Float[ArrayLike, "b n d"], *, k: int, **options)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; valid options are {sorted(_FIT_DEFAULTS)}")
     options = {**_FIT_DEFAULTS, **options}
-    xs = _checks.check_float_array(xs, "xs", ndim=3)
+    xs = _checks.check_float_array(xs, "xs", ndim=3, vectors=True)
     w, init_array, static = _fit_options(xs, k, **options, batch_shape=xs.shape[:1])
     keys = jax.random.split(key, xs.shape[0])
     return _fit_many(keys, xs, w, init_array, static=tuple(sorted(static.items())))

@@ -56,6 +56,7 @@ def _padded(chunk, chunk_size: int, d: int):
         )
     _checks.check_float_dtype(chunk, "data chunk")
     _checks.check_finite(chunk, "data chunk")
+    _checks.check_scale(chunk, "data chunk")
     m = chunk.shape[0]
     x = np.zeros((chunk_size, d), np.float32)
     x[:m] = chunk

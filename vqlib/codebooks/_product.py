@@ -104,7 +104,7 @@ def fit_pq(
         >>> cb.centroids.shape, vqlib.encode(cb, x).shape
         ((4, 16, 4), (2000, 4))
     """
-    x = _checks.check_float_array(x, "x", ndim=2)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
     m = _check_subspaces(x.shape[1], m)
     k = _checks.check_num_codes(k, x.shape[0])
     w = _checks.check_sample_weight(sample_weight, x.shape[0])
@@ -162,7 +162,7 @@ def fit_opq(
         >>> cb.rotation.factor.shape
         (16, 16)
     """
-    x = _checks.check_float_array(x, "x", ndim=2).astype(jnp.float32)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True).astype(jnp.float32)
     m = _check_subspaces(x.shape[1], m)
     k = _checks.check_num_codes(k, x.shape[0])
     max_iter = _checks.check_int(max_iter, "max_iter", low=0)

@@ -187,6 +187,8 @@ def check_options(name: str, options: dict) -> None:
     allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
     unknown = sorted(set(options) - set(allowed))
     renamed = [f"{old!r} is now {RENAMED_OPTIONS[old]!r}" for old in unknown if RENAMED_OPTIONS.get(old) in allowed]
+    if "nbits" in unknown and "k" in allowed:
+        renamed.append(f"'nbits' is not an option: pass k={2 ** options['nbits']} codes per codebook (k = 2**nbits)")
     if renamed:
         raise TypeError(f"option {', '.join(renamed)} for method {name!r}; valid options are {allowed}")
     if unknown:
@@ -219,6 +221,9 @@ def fit(x: Float[ArrayLike, "n d"], method: str, *, key=None, **options):
         (500, 8)
     """
     check_options(method, options)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x has shape {tuple(x.shape)}; a codebook is fitted to at least one vector of d >= 1")
     return method_fit(method)(jax.random.key(0) if key is None else key, x, **options)
 
 
@@ -227,7 +232,7 @@ def fit(x: Float[ArrayLike, "n d"], method: str, *, key=None, **options):
 
 def _flat_vectors(x, d: int, name: str = "x"):
     """(..., d) -> ((N, d), leading shape)."""
-    x = _checks.check_float_array(x, name)
+    x = _checks.check_float_array(x, name, vectors=True)
     _checks.check_dim(x, d, name)
     return x.reshape(-1, d), x.shape[:-1]
 
@@ -243,8 +248,11 @@ def encode(codebook, x: Float[ArrayLike, "*b d"]) -> Int[Array, "*b w"]:
     """
     t = codebook_type(codebook)
     flat, lead = _flat_vectors(x, t.dim(codebook))
+    width = t.layout(codebook).num_codebooks
+    if flat.shape[0] == 0:  # no vectors: no codes (the encoders need not handle it)
+        return jnp.zeros(lead if t.scalar_codes else (*lead, width), jnp.int32)
     codes = t.encode(codebook, flat)
-    return codes.reshape(lead) if t.scalar_codes else codes.reshape(*lead, codes.shape[-1])
+    return codes.reshape(lead) if t.scalar_codes else codes.reshape(*lead, width)
 
 
 def _flat_codes(t: CodebookType, codebook, codes, name: str = "codes"):
@@ -267,6 +275,8 @@ def decode(codebook, codes: Int[ArrayLike, "*b w"]) -> Float[Array, "*b d"]:
     """Codes (..., w) -> reconstructed vectors (..., d) float32."""
     t = codebook_type(codebook)
     flat, lead = _flat_codes(t, codebook, codes)
+    if flat.shape[0] == 0:
+        return jnp.zeros((*lead, t.dim(codebook)), jnp.float32)
     x_hat = t.decode(codebook, flat)
     return x_hat.reshape(*lead, x_hat.shape[-1])
 
@@ -293,7 +303,7 @@ def dim(codebook) -> int:
 
 
 def _flat_queries(codebook, queries):
-    queries = _checks.check_float_array(queries, "queries", ndim=2)
+    queries = _checks.check_float_array(queries, "queries", ndim=2, vectors=True)
     _checks.check_dim(queries, dim(codebook), "queries")
     return queries.astype(jnp.float32)
 
@@ -365,7 +375,10 @@ def inner_product(codebook, codes: Int[ArrayLike, "n ..."], queries: Float[Array
     """
     t = codebook_type(codebook)
     flat, _ = _flat_codes(t, codebook, codes)
-    return inner_product_of(t, codebook, flat, _flat_queries(codebook, queries))
+    queries = _flat_queries(codebook, queries)
+    if flat.shape[0] == 0 or queries.shape[0] == 0:
+        return jnp.zeros((queries.shape[0], flat.shape[0]), jnp.float32)
+    return inner_product_of(t, codebook, flat, queries)
 
 
 def inner_product_of(t: CodebookType, codebook, codes, queries):
@@ -382,6 +395,8 @@ def sq_norms(codebook, codes: Int[ArrayLike, "n ..."]) -> Float[Array, " n"]:
     ||q||^2 - 2 inner_product + sq_norms estimates ||q - x||^2."""
     t = codebook_type(codebook)
     flat, _ = _flat_codes(t, codebook, codes)
+    if flat.shape[0] == 0:
+        return jnp.zeros((0,), jnp.float32)
     return sq_norms_of(t, codebook, flat)
 
 

@@ -89,7 +89,7 @@ def unit_rows(x):
 
 def check_fit(x, bits, norm_dtype, *, low: int, high: int) -> tuple[int, int]:
     """(d, bits) after checking x (finite, d >= 2), bits in [low, high] and norm_dtype."""
-    x = _checks.check_float_array(x, "x", ndim=2)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
     if x.shape[1] < 2:
         raise ValueError(f"x must have dimension d >= 2 for a random rotation or projection, got d={x.shape[1]}")
     bits = _checks.check_int(bits, "bits", low=low, high=high)

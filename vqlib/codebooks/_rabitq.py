@@ -67,7 +67,7 @@ def fit_rabitq(key, x: Float[ArrayLike, "n d"], *, rotation: str = "dense") -> R
         >>> vqlib.code_layout(cb).bits_per_vector          # 64 sign bits + two float32
         128
     """
-    x = _checks.check_float_array(x, "x", ndim=2)
+    x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
     d = x.shape[1]
     if d < 2:
         raise ValueError(f"RaBitQ needs d >= 2, got d={d}")

@@ -58,7 +58,7 @@ def residual(*quantizers: Quantizer) -> Quantizer:
         raise TypeError("residual() takes one or more Quantizers, e.g. residual(vqlib.quantizer('kmeans', k=256), ...)")
 
     def fit(key, x):
-        x = _checks.check_float_array(x, "x", ndim=2).astype(jnp.float32)
+        x = _checks.check_float_array(x, "x", ndim=2, vectors=True).astype(jnp.float32)
         stages, widths = [], []
         for q, stage_key in zip(quantizers, jax.random.split(key, len(quantizers)), strict=True):
             cb = q.fit(stage_key, x)

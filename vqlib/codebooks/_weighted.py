@@ -47,7 +47,7 @@ def dim_weighted(quantizer: Quantizer, dim_weights: Float[ArrayLike, " d"]) -> Q
     scale = jnp.sqrt(w.astype(jnp.float32))
 
     def fit(key, x):
-        x = _checks.check_float_array(x, "x", ndim=2)
+        x = _checks.check_float_array(x, "x", ndim=2, vectors=True)
         _checks.check_dim(x, scale.shape[0], what="dim_weights has")
         return DimWeighted(quantizer.fit(key, x.astype(jnp.float32) * scale[None]), scale)
 

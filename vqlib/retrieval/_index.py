@@ -148,7 +148,7 @@ def check_kind(kind) -> str:
 
 def prepare(x, metric: str, name: str = "x"):
     """Validated float32 (n, d) vectors; unit rows for "cos" (a zero row is refused)."""
-    x = _checks.check_float_array(x, name, ndim=2).astype(jnp.float32)
+    x = _checks.check_float_array(x, name, ndim=2, vectors=True).astype(jnp.float32)
     if metric == "cos":
         norms = jnp.linalg.norm(x, axis=1, keepdims=True)
         if _checks.is_concrete(x) and bool(jnp.any(norms == 0)):
@@ -397,6 +397,8 @@ def add(
     x = prepare(x, index.metric)
     _checks.check_dim(x, index.dim, "x", "the index was built for")
     new_ids = _check_ids(ids, x.shape[0], index.ids)
+    if x.shape[0] == 0:
+        return index
     lists, rows, bias = _encode_all(index, x, show=progress)
     keep = np.flatnonzero(index.ids >= 0)  # stored rows, not padding
     old = jnp.asarray(keep)

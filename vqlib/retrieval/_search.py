@@ -46,6 +46,8 @@ def search(
     if isinstance(index, ShardedIndex):
         return search_sharded(index, queries, k, nprobe=nprobe, rerank=rerank)
     queries, k, nprobe, rerank = check_search(index, queries, k, nprobe, rerank)
+    if queries.shape[0] == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     s = static_of(index)
     dists, rows = approximate(parts_of(index), queries, s, k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe))
     if rerank is not None:

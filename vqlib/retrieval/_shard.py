@@ -168,6 +168,8 @@ def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank:
     """`vqlib.retrieval.search` for a ShardedIndex; same results as the unsharded index."""
     t = index.template
     queries, k, nprobe, rerank = check_search(t, queries, k, nprobe, rerank, live=index.live_count)
+    if queries.shape[0] == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     full = full_scan(t, nprobe)
     probes, budget = None, None
     if not full:  # one coarse search for all devices; the largest shard's candidate count fixes the budget

@@ -43,8 +43,8 @@ def assign(
         >>> assign(jnp.eye(3), jnp.eye(3)[::-1])[0].tolist()
         [2, 1, 0]
     """
-    x = _checks.check_float_array(x, "x")
-    centroids = _checks.check_float_array(centroids, "centroids")
+    x = _checks.check_float_array(x, "x", vectors=True)
+    centroids = _checks.check_float_array(centroids, "centroids", vectors=True)
     _checks.check_rank(x, 2, "x", "; use jax.vmap for a batch of problems")
     _checks.check_rank(centroids, 2, "centroids", "; use jax.vmap for a batch of codebooks")
     _checks.check_dim(x, centroids.shape[1], what="centroids have")
