@@ -473,3 +473,20 @@ def test_killed_but_unreaped_writer_counts_as_dead(tmp_path, codebook):
         assert not stale.exists()
     finally:
         zombie.wait()
+
+
+def test_numpy_scalars_in_static_fields_are_saved_as_numbers(tmp_path):
+    obj = _KeyHolder(key=jax.random.key(0), codebook=KMeansCodebook(centroids=jnp.ones((2, 2))), tag=np.int64(3))
+    path = tmp_path / "holder.vq"
+    vqlib.save(path, obj)
+    with pytest.raises(ValueError, match="static field tag must be str"):  # the annotation says str
+        vqlib.load(path)
+    with safetensors.safe_open(path, "numpy") as f:
+        assert json.loads(f.metadata()["tree"])["static"]["tag"] == {"value": 3}
+
+
+def test_arrays_in_static_fields_are_refused_at_save(tmp_path):
+    obj = _KeyHolder(key=jax.random.key(0), codebook=KMeansCodebook(centroids=jnp.ones((2, 2))), tag=np.ones(2))
+    with pytest.raises(TypeError, match="static field tag"):
+        vqlib.save(tmp_path / "holder.vq", obj)
+    assert list(tmp_path.iterdir()) == []

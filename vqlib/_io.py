@@ -89,12 +89,20 @@ def _join(path: str, name: str) -> str:
 # ----------------------------------------------------------------------------- save
 
 
-def _encode(obj, path: str, tensors: dict[str, np.ndarray]):
-    """Returns the JSON node for `obj`, adding its array leaves to `tensors`."""
+def _encode(obj, path: str, tensors: dict[str, np.ndarray], *, static: bool = False):
+    """Returns the JSON node for `obj`, adding its array leaves to `tensors`. In a `static` field
+    (JSON values only) a numpy scalar is written as the Python number it holds."""
+    if static and isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+        obj = obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return {"value": obj}
     if isinstance(obj, (tuple, list)):
-        return {"list": [_encode(v, _join(path, str(i)), tensors) for i, v in enumerate(obj)]}
+        return {"list": [_encode(v, _join(path, str(i)), tensors, static=static) for i, v in enumerate(obj)]}
+    if static:
+        raise TypeError(
+            f"cannot save static field {path}: it holds a {type(obj).__name__}; static fields hold numbers, "
+            "strings, None and tuples of them (make an array a data field)"
+        )
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
             raise TypeError(f"cannot save a dict with non-string keys at {path or 'the root'}")
@@ -105,7 +113,7 @@ def _encode(obj, path: str, tensors: dict[str, np.ndarray]):
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.metadata.get("static"):
-                static[f.name] = _encode(value, _join(path, f.name), tensors)
+                static[f.name] = _encode(value, _join(path, f.name), tensors, static=True)
             else:
                 data[f.name] = _encode(value, _join(path, f.name), tensors)
         return {"type": name, "static": static, "data": data}
