@@ -100,7 +100,7 @@ CALIB = dict(calibration=np.arange(4 * 32) * 7 % 256, num_sequences=4, seq_len=3
 FAST = dict(
     rtn=dict(group_size=32),
     gptvq=dict(kmeans_iters=5),
-    aqlm=dict(rounds=1, refit_iters=5, finetune_steps=2),
+    aqlm=dict(codebook_bits=4, group_size=4, rounds=1, refit_iters=5, finetune_steps=2),
     quip={},
 )
 
@@ -113,7 +113,7 @@ def test_compressed_model_runs_saves_and_loads(tiny, compressed, method, tmp_pat
     assert isinstance(small.params.embed, CompressedWeight) and small.params.lm_head is None
     info = small.describe()
     assert info["method"] == method and info["seconds"] > 0
-    assert 2.0 <= bits_per_weight(small) < 4.5  # codebooks of a tiny model are a large share
+    assert 2.0 <= bits_per_weight(small) < 8  # codebooks of 64 x 64 matrices are a large share
     assert weight_count(small.params) == weight_count(tiny.params)
     tokens = jnp.asarray(np.arange(20).reshape(2, 10) * 5 % 256, jnp.int32)
     logits, _ = forward(small.params, small.config, tokens)
@@ -125,7 +125,7 @@ def test_compressed_model_runs_saves_and_loads(tiny, compressed, method, tmp_pat
 
 
 def test_layers_and_embedding_selection(tiny):
-    part = compress(tiny, "quip", bits=3, layers=[1], compress_embedding=False, **CALIB)
+    part = compress(tiny, "quip", bits=2, layers=[1], compress_embedding=False, **CALIB)
     assert part.params.blocks[0] is tiny.params.blocks[0] and part.params.embed is tiny.params.embed
     assert isinstance(part.params.blocks[1].w_up, CompressedWeight)
     ids = np.arange(64) * 3 % 256

@@ -84,11 +84,11 @@ def check_options(bits, options: dict) -> dict:
         codebook_bits=b,
         num_codebooks=m,
         beam=_checks.check_int(options.get("beam", 4), "beam", low=1, high=64),
-        rounds=_checks.check_int(options.get("rounds", 3), "rounds", low=1),
+        rounds=_checks.check_int(options.get("rounds", 2), "rounds", low=1),
         refit_iters=_checks.check_int(options.get("refit_iters", 10), "refit_iters", low=0),
         kmeans_iters=_checks.check_int(options.get("kmeans_iters", 20), "kmeans_iters", low=1),
         damp=_checks.check_nonnegative_float(options.get("damp", 0.01), "damp"),
-        **_finetune.check_options(options, steps=20),
+        **_finetune.check_options(options, steps=10),
     )
 
 

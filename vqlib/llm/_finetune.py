@@ -29,11 +29,11 @@ OPTIONS = ("finetune_steps", "finetune_sequences", "finetune_lr")
 
 
 def check_options(options: dict, *, steps: int = 0) -> dict:
-    """The fine-tuning options (defaults: `steps` steps, 4 sequences, lr 1e-4)."""
+    """The fine-tuning options (defaults: `steps` steps, 4 sequences, lr 1e-3)."""
     return dict(
         finetune_steps=_checks.check_int(options.get("finetune_steps", steps), "finetune_steps", low=0),
         finetune_sequences=_checks.check_int(options.get("finetune_sequences", 4), "finetune_sequences", low=1),
-        finetune_lr=_checks.check_nonnegative_float(options.get("finetune_lr", 1e-4), "finetune_lr"),
+        finetune_lr=_checks.check_nonnegative_float(options.get("finetune_lr", 1e-3), "finetune_lr"),
     )
 
 
