@@ -151,13 +151,6 @@ def test_kmeans_on_a_row_sharded_global_array_equals_single_process(runs, name, 
 def _search_case(name):
     case = next(c for c in CASES if c[0] == name)
     marks = ()
-    if name == "ivfflat_probed":
-        marks = pytest.mark.xfail(
-            strict=True,
-            reason="retrieval.search on a ShardedIndex reads np.asarray(index.parts.offsets) to size the probed "
-            "scan (_shard.search_sharded -> _plan.probed_blocks), a global array spanning the other process's "
-            "devices: RuntimeError. Keep the per-shard offsets on the host in ShardedIndex.",
-        )
     return pytest.param(*case, id=name, marks=marks)
 
 

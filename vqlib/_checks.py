@@ -99,7 +99,7 @@ def check_finite(x, name: str) -> None:
     if getattr(x, "is_fully_addressable", True):
         bad = np.argwhere(~np.isfinite(np.asarray(x, dtype=np.float32)))
         found = f"{len(bad)} NaN or inf values (first at index {tuple(int(i) for i in bad[0])})"
-    raise ValueError(f"{name} contains {found}; remove or impute them before fitting or encoding")
+    raise ValueError(f"{name} contains {found}; every value must be finite (remove or impute them)")
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:

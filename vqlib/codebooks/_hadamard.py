@@ -33,11 +33,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float
 
 from vqlib import _checks
-from vqlib._types import pytree_dataclass
+from vqlib._types import VALIDATORS, pytree_dataclass
 
 ROTATIONS = ("hadamard", "dense")
 
@@ -192,3 +193,20 @@ def _unrotate(rot: Rotation, y):
     k = rot.factor.shape[-1]
     blocks = jnp.einsum("ba,...bp->...ap", rot.factor, y.reshape(*y.shape[:-1], k, -1), precision=lax.Precision.HIGHEST)
     return _fwht(blocks).reshape(y.shape) * jnp.broadcast_to(rot.signs, y.shape)
+
+
+def validate(rot: Rotation) -> None:
+    """The invariants `vqlib.load` checks: signs (d,) of +-1, an orthogonal (K, K) factor, K | d."""
+    signs, factor = np.asarray(rot.signs), np.asarray(rot.factor, np.float64)
+    if signs.ndim != 1 or signs.size < 1 or not np.all(np.abs(signs) == 1):
+        raise ValueError(f"rotation signs must be a (d,) vector of +-1, got shape {signs.shape}")
+    k = factor.shape[0] if factor.ndim == 2 else 0
+    if factor.shape != (k, k) or k < 1 or signs.size % k or (signs.size // k) & (signs.size // k - 1):
+        raise ValueError(
+            f"rotation factor must be (K, K) with d / K a power of two, d={signs.size}, got {factor.shape}"
+        )
+    if not np.allclose(factor @ factor.T, np.eye(k), atol=1e-3):
+        raise ValueError("rotation factor is not orthogonal (F F^T differs from the identity)")
+
+
+VALIDATORS[Rotation] = validate

@@ -494,6 +494,7 @@ def lut_weight(cb: KMeansCodebook, codes: Int[Array, " n"], shape: tuple[int, in
 
 def validate(cb: KMeansCodebook) -> None:
     _check_single(cb)
+    _checks.check_float_dtype(cb.centroids, "centroids")
     if cb.centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one row")
     if cb.stats is not None:

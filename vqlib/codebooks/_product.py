@@ -280,6 +280,7 @@ def lut_weight(cb: ProductCodebook, codes: Int[Array, "n m"], shape: tuple[int, 
 
 
 def validate(cb: ProductCodebook) -> None:
+    _checks.check_float_dtype(cb.centroids, "centroids")
     if cb.centroids.ndim != 3 or min(cb.centroids.shape) < 1:
         raise ValueError(f"centroids must be (m, k, dsub) with every size >= 1, got {cb.centroids.shape}")
     if cb.rotation is not None and cb.rotation.signs.shape != (_dim(cb),):

@@ -450,11 +450,18 @@ def compact(index: Index) -> Index:
 def validate(index: Index) -> None:
     """The invariants `vqlib.load` checks on an Index it rebuilds; ValueError naming the field."""
     _checks.check_metric(index.metric)
-    if index.centroids.ndim != 2 or index.centroids.shape[0] < 1:
-        raise ValueError(f"centroids must be (nlist, d) with nlist >= 1, got {index.centroids.shape}")
+    if index.centroids.ndim != 2 or index.centroids.shape[0] < 1 or index.centroids.dtype != jnp.float32:
+        raise ValueError(
+            f"centroids must be float32 (nlist, d) with nlist >= 1, got {index.centroids.dtype} {index.centroids.shape}"
+        )
     _checks.check_finite(index.centroids, "centroids")
+    if index.method != "flat" and index.method not in methods():
+        raise ValueError(f"method {index.method!r} is not 'flat' or a registered vqlib.fit method")
     if index.codebook is not None:
         validate_codebook(index.codebook, "codebook")
+    empty_index(index.centroids, index.codebook, index.metric, index.fast_scan, False, index.method)  # d, fast-scan
+    if index.offsets.dtype != jnp.int32 or index.live.dtype != jnp.bool_:
+        raise ValueError(f"offsets must be int32 and live bool, got {index.offsets.dtype} and {index.live.dtype}")
     n = index.data.shape[0]
     offsets = np.asarray(index.offsets)
     if offsets.shape != (index.nlist + 1,) or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) < 0):
@@ -482,11 +489,11 @@ def validate(index: Index) -> None:
             )
     if (index.bias is not None) != stores_bias(index.codebook, index.metric):
         raise ValueError("bias must be present exactly when the codebook's L2 tables need it")
-    for name in ("bias", "vectors"):
+    for name, shape in (("bias", (n,)), ("vectors", (n, index.dim))):
         column = getattr(index, name)
         if column is not None:
-            if column.shape[0] != n:
-                raise ValueError(f"{name} must have one row per data row ({n}), got {column.shape}")
+            if column.shape != shape or column.dtype != jnp.float32:
+                raise ValueError(f"{name} must be float32 of shape {shape} (one per data row), got {column.shape}")
             _checks.check_finite(column, name)
 
 

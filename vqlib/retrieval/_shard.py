@@ -40,6 +40,8 @@ class ShardedIndex:
         parts: per-shard arrays stacked on a leading axis of size S, sharded over `axis`.
         vectors: (S, rows, d) raw vectors for re-ranking, or None.
         ids: (S * rows,) int64: the id of each shard row, -1 for padding.
+        offsets: (S, nlist + 1) int32 on the host: each shard's list offsets (a process reads
+            them without touching the other processes' devices).
         live_count: live vectors in all shards.
         mesh, axis: where the shards live.
     """
@@ -48,6 +50,7 @@ class ShardedIndex:
     parts: Parts
     vectors: jax.Array | None
     ids: np.ndarray
+    offsets: np.ndarray
     live_count: int
     mesh: Mesh
     axis: str
@@ -118,7 +121,8 @@ def shard(index: Index, mesh: Mesh, axis: str | None = None) -> ShardedIndex:
         vectors=None if index.vectors is None else index.vectors[:0],
     )
     vectors = None if index.vectors is None else put(stack("vectors"))
-    return ShardedIndex(template, parts, vectors, stack("ids").reshape(-1), index.ntotal, mesh, axis)
+    host_offsets = np.stack(offsets)
+    return ShardedIndex(template, parts, vectors, stack("ids").reshape(-1), host_offsets, index.ntotal, mesh, axis)
 
 
 def _merge(dists, rows, k: int, axis: str):
@@ -174,7 +178,7 @@ def search_sharded(index: ShardedIndex, queries, k: int, *, nprobe: int, rerank:
     probes, budget = None, None
     if not full:  # one coarse search for all devices; the largest shard's candidate count fixes the budget
         probes = probe(t.centroids, queries, nprobe=nprobe)
-        budget = round_budget(int(probed_blocks(index.parts.offsets, probes).max()))
+        budget = round_budget(int(probed_blocks(index.offsets, np.asarray(probes)).max()))
     dists, rows = _search_sharded(
         index.parts,
         index.vectors,
