@@ -88,7 +88,7 @@ def linear_bits(model) -> float:
     for blk in model.params.blocks:
         for name in LINEARS:
             w = getattr(blk, name)
-            bits += stored_bits(w) if not hasattr(w, "dtype") else 16 * int(np.prod(w.shape))  # float: as fp16
+            bits += stored_bits(w)
             count += int(np.prod(w.shape))
     return bits / count
 
