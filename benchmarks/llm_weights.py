@@ -112,15 +112,17 @@ def decode_tokens_per_second(model, steps: int = 32) -> float:
 def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict:
     spec = ROWS[name]
     row = dict(row=name, cpu=cpu_model(), date=datetime.date.today().isoformat(), windows=windows)
+    row["load_average_before"] = round(os.getloadavg()[0], 2)  # other jobs on the machine slow every timing
     if spec is None:
         model, seconds = base, 0.0
         row |= dict(method="float (dequantised Q4_1)", bits=32)
     else:
         method, bits, options = spec
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model = compress(base, method, bits=bits, calibration=calibration, progress=True, **options)
         jax.block_until_ready(model.params)
         seconds = time.perf_counter() - start
+        row["compress_cpu_seconds"] = round(time.process_time() - cpu, 1)
         row |= dict(method=method, bits=bits, options=dict(model.info).get("options"))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "m.vq")
@@ -138,6 +140,7 @@ def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict
     row["decode_tokens_per_s"] = round(decode_tokens_per_second(model), 2)
     if full:
         row["ppl_297"] = vqlib.llm.perplexity(model, test_ids, batch_size=2, progress=True)
+    row["load_average_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(row), flush=True)
     return row
 
