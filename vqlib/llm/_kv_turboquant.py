@@ -1,0 +1,285 @@
+"""TurboQuant for the KV cache: a random rotation per head, Lloyd-Max levels, norms stored.
+
+Each head vector x (hd) is coded as (optionally centred, optionally before RoPE)
+
+    y = M (x - mean),   y = [y_out | y_reg]   (the `outliers` channels of largest calibration
+                                                energy first, each part rotated by its own
+                                                random rotation: M = blockdiag(R_out, R_reg) P)
+    y_part ~ ||y_part|| c[idx],  idx = nearest Lloyd-Max level of y_part / ||y_part||
+
+with the landed TurboQuant-mse codebooks (`vqlib.codebooks.fit_turboquant`: a dense Haar
+rotation and the Lloyd-Max levels of a coordinate of a uniform unit vector in that part's
+dimension); the outlier part gets one more bit. Norms are stored in float16 (counted).
+
+Attention reads codes in the rotated domain: a key tile scores q as (M q) . y~ + q . mean, and
+values accumulate sum_s p_s y~_s, rotated back once per call (M^T acc + mass * mean). Keys
+quantised before RoPE are decoded, rotated back and RoPE'd per tile instead.
+
+`prod=True` (keys; the "turboquant_prod" variant, `fit_turboquant_prod`): (b - 1)-bit
+TurboQuant-mse of the whole head plus a 1-bit QJL sketch of the residual with gamma = ||r||,
+unbiased inner products: q . x ~ ||x|| ((M q) . c[idx] + sqrt(pi / 2) / hd gamma (S M^T M q) . z).
+
+Bits per element: (hd - n_out) b + n_out (b + 1) + 16 per stored norm, over hd. The presets at
+hd = 64 spend b + 0.5 bits per element averaged over keys and values (2.5 and 3.5): keys get 16
+outlier channels at b + 1 bits and two norms (b + 0.75), values b bits and one norm (b + 0.25).
+
+References:
+    Zandieh, Daliri, Hadian & Mirrokni, "TurboQuant: online vector quantization with
+    near-optimal distortion rate", arXiv 2504.19874, 2025.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from vqlib._types import pytree_dataclass, static_field
+from vqlib.codebooks import fit_turboquant, fit_turboquant_prod, pack_codes, rotate, unpack_codes
+from vqlib.llm._config import LlamaConfig
+from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
+from vqlib.llm._kv_rope import rope, unrope
+
+_HIGHEST = lax.Precision.HIGHEST
+SQRT_HALF_PI = math.sqrt(math.pi / 2)
+
+
+@pytree_dataclass
+class TurboQuantKVCodec(TileCodec):
+    """TurboQuant codes of keys or values (see the module docstring).
+
+    Attributes:
+        matrix: per layer, (kvh, hd, hd) float32 orthogonal M (y = M x): outlier channels
+            first, each part by its own random rotation.
+        mean: per layer, (kvh, hd) float32 subtracted before coding (zeros: not centred).
+        levels_out: (2**(bits + 1),) Lloyd-Max levels of the outlier part (unused when outliers = 0).
+        levels_reg: (2**bits,) levels of the rest (bits - 1 of them with prod).
+        sketch: per layer, (kvh, hd, hd) S M^T of the QJL sketch (prod), else ().
+        config: the model's config (for RoPE).
+        bits: bits per coordinate of the regular part.
+        outliers: channels coded at bits + 1.
+        pre_rope: keys coded before RoPE.
+        prod: keys as TurboQuant-prod.
+        centered: mean is the calibration mean (else zeros).
+    """
+
+    matrix: tuple
+    mean: tuple
+    levels_out: jax.Array
+    levels_reg: jax.Array
+    sketch: tuple = ()
+    config: LlamaConfig = static_field(None)
+    bits: int = static_field(3)
+    outliers: int = static_field(0)
+    pre_rope: bool = static_field(False)
+    prod: bool = static_field(False)
+    centered: bool = static_field(False)
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def reg_bits(self) -> int:
+        return self.bits - 1 if self.prod else self.bits
+
+    @property
+    def num_norms(self) -> int:
+        return 1 + (self.outliers > 0) + self.prod
+
+    def init(self, batch, capacity, kvh, hd):
+        n_reg = hd - self.outliers
+        store = dict(
+            reg=jnp.zeros((batch, capacity, kvh, -(-n_reg * max(self.reg_bits, 1) // 8)), jnp.uint8),
+            norms=jnp.zeros((batch, capacity, kvh, self.num_norms), jnp.float16),
+        )
+        if self.outliers:
+            store["out"] = jnp.zeros((batch, capacity, kvh, -(-self.outliers * (self.bits + 1) // 8)), jnp.uint8)
+        if self.prod:
+            store["signs"] = jnp.zeros((batch, capacity, kvh, -(-hd // 8)), jnp.uint8)
+        return store
+
+    def storage(self, kvh, hd):
+        n_reg = hd - self.outliers
+        bits = n_reg * self.reg_bits + self.outliers * (self.bits + 1) + self.prod * hd + 16 * self.num_norms
+        # per layer: the mean (float32) and the outlier channel order (a byte each); the rotations
+        # are drawn from a seed and not counted
+        fixed = kvh * hd * (4 * self.centered + (self.outliers > 0))
+        return kvh * bits, float(fixed)
+
+    # ------------------------------------------------------------------ coding
+
+    def _to_coded_domain(self, layer, x, start):
+        if self.pre_rope:
+            x = unrope(self.config, x, start)
+        x = x - self.mean[layer][None, None]
+        return jnp.einsum("khd,btkd->btkh", self.matrix[layer], x, precision=_HIGHEST)
+
+    def write(self, layer, store, x, start, recent):
+        y = self._to_coded_domain(layer, x, start)
+        n_out = self.outliers
+        parts = [(y[..., n_out:], self.levels_reg, "reg", self.reg_bits)]
+        if n_out:
+            parts.insert(0, (y[..., :n_out], self.levels_out, "out", self.bits + 1))
+        new, norms, unit_hat = dict(store), [], []
+        for part, levels, name, bits in parts:
+            norm = jnp.linalg.norm(part, axis=-1, keepdims=True)
+            unit = part / jnp.where(norm > 0, norm, 1.0)
+            idx = jnp.searchsorted((levels[1:] + levels[:-1]) / 2, unit).astype(jnp.int32)
+            if bits:  # bits 0 (prod at 1 bit): no levels stored
+                new[name] = write_positions(store[name], pack_codes(idx, bits), start)
+            norms.append(norm)
+            unit_hat.append(jnp.take(levels, idx))
+        if self.prod:
+            u = y / jnp.where(norms[-1] > 0, norms[-1], 1.0)
+            residual = u - unit_hat[-1]
+            gamma = jnp.linalg.norm(residual, axis=-1, keepdims=True)
+            signs = jnp.einsum("khd,btkd->btkh", self.sketch[layer], residual, precision=_HIGHEST) >= 0
+            new["signs"] = write_positions(store["signs"], pack_codes(signs.astype(jnp.int32), 1), start)
+            norms.append(gamma)
+        new["norms"] = write_positions(store["norms"], jnp.concatenate(norms, axis=-1), start)
+        return new
+
+    def _rotated(self, store, start, size, *, with_sketch: bool = True):
+        """(b, size, kvh, hd) decoded tile in the rotated domain, and the norms (b, size, kvh, n)."""
+        norms = slice_positions(store["norms"], start, size).astype(jnp.float32)
+        n_out = self.outliers
+        hd = self.matrix[0].shape[-1]
+        parts = []
+        if n_out:
+            idx = unpack_codes(slice_positions(store["out"], start, size), self.bits + 1, n_out)
+            parts.append(jnp.take(self.levels_out, idx) * norms[..., :1])
+        if self.reg_bits:
+            idx = unpack_codes(slice_positions(store["reg"], start, size), self.reg_bits, hd - n_out)
+            reg = jnp.take(self.levels_reg, idx)
+        else:
+            reg = jnp.zeros((*norms.shape[:-1], hd - n_out), jnp.float32)
+        r = 1 if n_out else 0  # the regular part's norm follows the outlier part's
+        parts.append(reg * norms[..., r : r + 1])
+        return jnp.concatenate(parts, axis=-1) if n_out else parts[0], norms
+
+    def _signs(self, store, start, size, hd):
+        return 2.0 * unpack_codes(slice_positions(store["signs"], start, size), 1, hd).astype(jnp.float32) - 1.0
+
+    def dequant(self, layer, store, start, size):
+        y, norms = self._rotated(store, start, size)
+        hd = y.shape[-1]
+        if self.prod:  # + ||x|| sqrt(pi/2)/hd gamma (S M^T)^T z, in the rotated domain
+            z = self._signs(store, start, size, hd)
+            back = jnp.einsum("khd,bskh->bskd", self.sketch[layer], z, precision=_HIGHEST)
+            y = y + (SQRT_HALF_PI / hd) * (norms[..., 0:1] * norms[..., -1:]) * back
+        x = jnp.einsum("khd,bskh->bskd", self.matrix[layer], y, precision=_HIGHEST) + self.mean[layer][None, None]
+        return rope(self.config, x, start) if self.pre_rope else x
+
+    def prepare(self, layer, q):
+        if self.pre_rope:
+            return q
+        q_rot = jnp.einsum("khd,bkgtd->bkgth", self.matrix[layer], q, precision=_HIGHEST)
+        q_mean = jnp.einsum("bkgtd,kd->bkgt", q, self.mean[layer], precision=_HIGHEST)
+        q_sketch = jnp.einsum("khd,bkgtd->bkgth", self.sketch[layer], q_rot, precision=_HIGHEST) if self.prod else None
+        return q_rot, q_mean, q_sketch
+
+    def scores(self, layer, store, qstate, start, size):
+        if self.pre_rope:
+            return TileCodec.scores(self, layer, store, qstate, start, size)
+        q_rot, q_mean, q_sketch = qstate
+        y, norms = self._rotated(store, start, size)
+        s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + q_mean[..., None]
+        if self.prod:
+            hd = y.shape[-1]
+            z = self._signs(store, start, size, hd)
+            weight = (SQRT_HALF_PI / hd) * norms[..., 0] * norms[..., -1]  # (b, size, kvh)
+            sk = jnp.einsum("bkgth,bskh->bkgts", q_sketch, z, precision=_HIGHEST)
+            s = s + sk * weight.transpose(0, 2, 1)[:, :, None, None, :]
+        return s
+
+    def mix(self, layer, store, probs, start, size):
+        if self.pre_rope or self.prod:
+            return TileCodec.mix(self, layer, store, probs, start, size)
+        y, _ = self._rotated(store, start, size)
+        return jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
+
+    def finish(self, layer, acc, mass):
+        if self.pre_rope or self.prod:
+            return acc
+        back = jnp.einsum("khd,bkgth->bkgtd", self.matrix[layer], acc, precision=_HIGHEST)
+        return back + mass[..., None] * self.mean[layer][None, :, None, None, :]
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _dense(rotation, d: int) -> jax.Array:
+    """The (d, d) matrix R of a landed Rotation (rotate(rot, x) = R x)."""
+    return rotate(rotation, jnp.eye(d, dtype=jnp.float32)).T
+
+
+def fit_turboquant_codec(
+    key,
+    config: LlamaConfig,
+    samples,
+    *,
+    bits: int,
+    outliers: int = 0,
+    pre_rope: bool = False,
+    center: bool = False,
+    prod: bool = False,
+) -> TurboQuantKVCodec:
+    """Draws the rotations (per layer and head) and picks outlier channels and means from samples.
+
+    Args:
+        key: PRNG key of the rotations.
+        config: the model's config.
+        samples: per layer, (n, kvh, hd) float32 vectors in the coded domain (before RoPE when
+            pre_rope), or None: then outliers must be 0 and center False (data-oblivious).
+        bits: bits per coordinate of the regular channels (total bits with prod).
+        outliers: channels per head at bits + 1, those of largest mean square in the samples.
+        pre_rope: code keys before RoPE.
+        center: subtract the samples' per-channel mean before coding.
+        prod: TurboQuant-prod (keys): bits - 1 bits of levels plus a 1-bit residual sketch.
+    """
+    kvh, hd, num_layers = config.num_kv_heads, config.head_dim, config.num_layers
+    n_out = 0 if prod else outliers
+    if samples is None and (n_out or center):
+        raise ValueError("outlier channels and centring are chosen from calibration samples; pass calibration")
+    if hd - n_out < 2 or (n_out and n_out < 2):
+        raise ValueError(
+            f"outliers={outliers} leaves parts of {n_out} and {hd - n_out} channels of head_dim={hd}; each "
+            "rotated part needs at least 2 channels: pass 2 <= outliers <= head_dim - 2 (or 0)"
+        )
+    keys = jax.random.split(key, num_layers * kvh).reshape(num_layers, kvh)
+    dummy = jnp.zeros((1, hd), jnp.float32)
+    fit = fit_turboquant_prod if prod else fit_turboquant
+    reg_cb = fit(keys[0, 0], dummy[:, : hd - n_out], bits=bits)
+    levels_reg = (reg_cb.mse if prod else reg_cb).centroids
+    levels_out = fit_turboquant(keys[0, 0], dummy[:, :n_out], bits=bits + 1).centroids if n_out else levels_reg
+    matrices, means, sketches = [], [], []
+    for layer in range(num_layers):
+        x = None if samples is None else np.asarray(samples[layer], np.float32)
+        mu = x.mean(axis=0) if (center and x is not None) else np.zeros((kvh, hd), np.float32)
+        mats, sks = [], []
+        for h in range(kvh):
+            k_out, k_reg = jax.random.split(keys[layer, h])
+            if n_out:
+                energy = ((x[:, h] - mu[h]) ** 2).mean(axis=0)
+                order = np.argsort(-energy, kind="stable")
+            else:
+                order = np.arange(hd)
+            perm = np.eye(hd, dtype=np.float32)[order]  # rows: the chosen channel order
+            blocks = []
+            if n_out:
+                blocks.append(_dense(fit_turboquant(k_out, dummy[:, :n_out], bits=bits + 1).rotation, n_out))
+            cb = fit(k_reg, dummy[:, : hd - n_out], bits=bits)
+            blocks.append(_dense((cb.mse if prod else cb).rotation, hd - n_out))
+            mats.append(jax.scipy.linalg.block_diag(*blocks) @ perm)
+            if prod:
+                sks.append(cb.qjl.projection @ mats[-1].T)  # S acts on the rotated residual: S M^T
+        matrices.append(jnp.stack(mats))
+        means.append(jnp.asarray(mu))
+        if prod:
+            sketches.append(jnp.stack(sks))
+    return TurboQuantKVCodec(
+        tuple(matrices), tuple(means), jnp.asarray(levels_out), jnp.asarray(levels_reg), tuple(sketches),
+        config=config, bits=bits, outliers=n_out, pre_rope=pre_rope, prod=prod, centered=bool(center),
+    )  # fmt: skip
