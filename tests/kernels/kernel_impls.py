@@ -8,6 +8,7 @@ import pytest
 IMPLS = {
     "reference": ("reference", False, None),
     "xla": ("xla", False, None),
+    "faiss": ("faiss", False, "cpu"),
     "pallas_gpu_interpret": ("pallas_gpu", True, None),
     "pallas_tpu_interpret": ("pallas_tpu", True, None),
     "pallas_gpu": ("pallas_gpu", False, "gpu"),
@@ -20,4 +21,6 @@ def impl_kwargs(name: str) -> dict:
     impl, interpret, platform = IMPLS[name]
     if platform is not None and jax.default_backend() != platform:
         pytest.skip(f"{name} needs a {platform.upper()}")
+    if impl == "faiss":
+        pytest.importorskip("faiss")
     return dict(impl=impl, interpret=interpret)

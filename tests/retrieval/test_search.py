@@ -45,15 +45,29 @@ def _assert_same_results(scores, ids, ref_scores, ref_ids, *, rtol=1e-4, atol=1e
     np.testing.assert_array_equal(ids[clear], ref_ids[:, :k][clear])
 
 
+@pytest.fixture(params=["xla", "faiss"])
+def impl(request):
+    """Each search test runs on both engines: XLA, and faiss-cpu (the CPU default where it applies)."""
+    if request.param == "faiss":
+        pytest.importorskip("faiss")
+    return request.param
+
+
+def _search(impl, index, *args, **kwargs):
+    if impl == "faiss" and not vqlib.retrieval._faiss_engine.can_serve(index):
+        impl = "xla"  # e.g. inner-product fast-scan: the XLA engine on every device
+    return retrieval.search(index, *args, impl=impl, **kwargs)
+
+
 def _recall(ids, truth) -> float:
     return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(ids, truth, strict=True)]))
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
-def test_flat_equals_numpy_brute_force(data, metric):
+def test_flat_equals_numpy_brute_force(data, metric, impl):
     x, q = data
     ids = np.arange(len(x), dtype=np.int64) * 5 + 3  # user ids travel with the rows
-    scores, got = retrieval.search(retrieval.build(x, "flat", metric=metric, ids=ids), q, k=10)
+    scores, got = _search(impl, retrieval.build(x, "flat", metric=metric, ids=ids), q, k=10)
     ref_scores, ref_rows = _brute(x, q, metric, 11)
     assert got.dtype == np.int64
     tol = dict(rtol=1e-5, atol=1e-5) if metric == "cos" else {}  # cosines crowd near 1
@@ -61,11 +75,11 @@ def test_flat_equals_numpy_brute_force(data, metric):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_ivfflat_all_lists_equals_flat_and_probed_lists_equal_restricted_brute_force(data, metric):
+def test_ivfflat_all_lists_equals_flat_and_probed_lists_equal_restricted_brute_force(data, metric, impl):
     x, q = data
-    flat = retrieval.search(retrieval.build(x, "flat", metric=metric), q, k=10)
+    flat = _search(impl, retrieval.build(x, "flat", metric=metric), q, k=10)
     index = retrieval.build(x, "ivfflat", metric=metric, nlist=24)
-    everything = retrieval.search(index, q, k=10, nprobe=24)
+    everything = _search(impl, index, q, k=10, nprobe=24)
     _assert_same_results(*everything, *flat)
     # nprobe = 3: the exact top 10 among the vectors of the 3 lists whose centroids are nearest
     lists = np.asarray(row_lists(index.offsets, index.data.shape[0]))
@@ -73,7 +87,7 @@ def test_ivfflat_all_lists_equals_flat_and_probed_lists_equal_restricted_brute_f
     member_lists[index.ids[index.ids >= 0]] = lists[index.ids >= 0]
     c = np.asarray(index.centroids, np.float64)
     nearest = np.argsort(((q[:, None, :] - c[None]) ** 2).sum(-1), axis=1)[:, :3]
-    scores, got = retrieval.search(index, q, k=10, nprobe=3)
+    scores, got = _search(impl, index, q, k=10, nprobe=3)
     for i in range(0, len(q), 20):
         members = np.flatnonzero(np.isin(member_lists, nearest[i]))
         ref_scores, ref_rows = _brute(x[members], q[i : i + 1], metric, 11)
@@ -91,7 +105,7 @@ def _adc_reference(index, x_hat_of, q, nprobe):
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("opq, nprobe", [(False, 4), (True, 4), (False, 16)])  # 16 = nlist: the full-scan path
-def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe):
+def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe, impl):
     x, q = data
     index = retrieval.build(x, "opq" if opq else "pq", metric=metric, nlist=16, m=8)
     # decode every stored row independently of the search code: centroid + PQ decode of the residual
@@ -99,19 +113,19 @@ def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe
     lists = row_lists(index.offsets, index.data.shape[0])
     x_hat = np.asarray(index.centroids)[np.asarray(lists)] + np.asarray(vqlib.decode(index.codebook, codes))
     nearest, row_list, row_ids, row_x = _adc_reference(index, x_hat, q, nprobe)
-    scores, got = retrieval.search(index, q, k=10, nprobe=nprobe)
+    scores, got = _search(impl, index, q, k=10, nprobe=nprobe)
     for i in range(0, len(q), 25):
         members = np.isin(row_list, nearest[i])
         ref_scores, ref_rows = _brute(row_x[members], q[i : i + 1], metric, 11)
         _assert_same_results(scores[i : i + 1], got[i : i + 1], ref_scores, row_ids[members][ref_rows], atol=2e-3)
 
 
-def test_ivfpq_with_reranking_reaches_recall_095(data):
+def test_ivfpq_with_reranking_reaches_recall_095(data, impl):
     x, q = data
     truth = _brute(x, q, "l2", 10)[1]
     index = retrieval.build(x, "ivfpq", nlist=32, m=8, keep_vectors=True)
-    plain = _recall(retrieval.search(index, q, k=10, nprobe=8)[1], truth)
-    scores, ids = retrieval.search(index, q, k=10, nprobe=8, rerank=100)
+    plain = _recall(_search(impl, index, q, k=10, nprobe=8)[1], truth)
+    scores, ids = _search(impl, index, q, k=10, nprobe=8, rerank=100)
     reranked = _recall(ids, truth)
     assert reranked >= 0.95 > plain  # measured 1.00 re-ranked, 0.82 plain when written
     # re-ranked scores are exact distances to the returned vectors
@@ -119,12 +133,12 @@ def test_ivfpq_with_reranking_reaches_recall_095(data):
     np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-3)
 
 
-def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data):
+def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data, impl):
     x, q = data
     fast = retrieval.build(x, "pqfs", m=16)
     exact = retrieval.build(x, "pq", m=16, k=16)  # same training: same codebook and codes
     np.testing.assert_array_equal(np.asarray(fast.data), np.asarray(exact.data))
-    scores, ids = retrieval.search(fast, q, k=10)
+    scores, ids = _search(impl, fast, q, k=10)
     codes = vqlib.codebooks.unpack_codes(fast.data, bits=4, m=16)
     x_hat = np.asarray(vqlib.decode(fast.codebook, codes), np.float64)
     adc = ((q[:, None, :] - x_hat[None]) ** 2).sum(-1)
@@ -137,7 +151,7 @@ def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data):
     step = (tables - tables.min(-1, keepdims=True)).max((1, 2)) / 255
     assert np.all(np.abs(scores - got_adc) <= 16 * step[:, None] / 2 + 1e-3)
     truth = _brute(x, q, "l2", 10)[1]
-    float_recall = _recall(retrieval.search(exact, q, k=10)[1], truth)
+    float_recall = _recall(_search(impl, exact, q, k=10)[1], truth)
     assert _recall(ids, truth) >= float_recall - 0.03  # measured 0.51 (fast-scan) vs 0.51 (float) when written
 
 
@@ -235,22 +249,22 @@ def test_add_delete_compact_save_load_keep_results(data, tmp_path):
     assert not np.isin(got, np.arange(3000, len(x))).any()
 
 
-def test_fewer_live_vectors_in_the_probed_lists_than_k_gives_minus_one(data):
+def test_fewer_live_vectors_in_the_probed_lists_than_k_gives_minus_one(data, impl):
     x, q = data
     index = retrieval.build(x, "ivfflat", nlist=64)
     sizes = np.diff(np.asarray(index.offsets))
     smallest = int(np.argmin(np.where(sizes > 0, sizes, 10**9)))
     members = index.ids[(np.asarray(row_lists(index.offsets, index.data.shape[0])) == smallest) & (index.ids >= 0)]
     centre = np.asarray(index.centroids)[smallest : smallest + 1]
-    scores, ids = retrieval.search(index, centre, k=len(members) + 5, nprobe=1)
+    scores, ids = _search(impl, index, centre, k=len(members) + 5, nprobe=1)
     assert set(ids[0, : len(members)]) == set(members)
     assert (ids[0, len(members) :] == -1).all() and np.isinf(scores[0, len(members) :]).all()
 
 
-def test_k_equal_to_the_number_of_vectors_returns_them_all(data):
+def test_k_equal_to_the_number_of_vectors_returns_them_all(data, impl):
     x, q = data
     index = retrieval.delete(retrieval.build(x[:300], "ivfflat", nlist=4), np.arange(0, 300, 3))
-    scores, ids = retrieval.search(index, q[:3], k=200, nprobe=4)
+    scores, ids = _search(impl, index, q[:3], k=200, nprobe=4)
     for row in ids:
         np.testing.assert_array_equal(np.sort(row), np.setdiff1d(np.arange(300), np.arange(0, 300, 3)))
     assert np.all(np.diff(scores, axis=1) >= 0)
@@ -259,13 +273,35 @@ def test_k_equal_to_the_number_of_vectors_returns_them_all(data):
 def test_search_compiles_once_per_candidate_size(data):
     x, q = data
     index = retrieval.build(x, "flat")
-    retrieval.search(index, q, k=5)
+    retrieval.search(index, q, k=5, impl="xla")
     before = vqlib.retrieval._scan_full.search_all._cache_size()
-    retrieval.search(index, q + 1.0, k=5)
+    retrieval.search(index, q + 1.0, k=5, impl="xla")
     assert vqlib.retrieval._scan_full.search_all._cache_size() == before
 
 
-def test_build_progress_bar(data, capsys):
+def test_build_progress_bar(data, capsys, monkeypatch):
+    monkeypatch.setattr(vqlib._progress, "_shown", bool)  # bars are drawn on terminals only
     x, _ = data
     retrieval.build(x, "ivfflat", nlist=8, progress=True)
     assert "encoding" in capsys.readouterr().err
+
+
+def test_search_inside_jit_equals_search_outside(data):
+    """A concrete index searched with traced queries (inside a user's jax.jit), on both engines:
+    the same ids (int32 there) and scores."""
+    x, q = data
+    for kind, options in [("flat", {}), ("ivfpq", dict(nlist=16, m=8, keep_vectors=True))]:
+        index = retrieval.build(x, kind, **options)
+        for impl in ("xla", "faiss"):
+            if impl == "faiss" and not vqlib.retrieval._faiss_engine.can_serve(index):
+                continue
+            want = retrieval.search(index, q, k=5, nprobe=4 if kind != "flat" else 1, impl=impl)
+            nprobe = 4 if kind != "flat" else 1
+
+            def jitted(qs, index=index, impl=impl, nprobe=nprobe):
+                return retrieval.search(index, qs, k=5, nprobe=nprobe, impl=impl)
+
+            got = jax.jit(jitted)(q)
+            assert got[1].dtype == np.int32
+            np.testing.assert_array_equal(np.asarray(got[1]), want[1])
+            np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=1e-5, atol=1e-4)

@@ -16,6 +16,7 @@ from vqlib.kernels._assign.dispatch import assign as assign
 from vqlib.kernels._assign.dispatch import check_impl as check_impl
 from vqlib.kernels._assign.reference import assign_reference as assign_reference
 from vqlib.kernels._dispatch import Impl as Impl
+from vqlib.kernels._dispatch import faiss_available as faiss_available
 from vqlib.kernels._lut_matmul.dispatch import BACKENDS as _LUT_MATMUL_BACKENDS
 from vqlib.kernels._lut_matmul.dispatch import lut_matmul as lut_matmul
 from vqlib.kernels._lut_matmul.reference import lut_matmul_reference as lut_matmul_reference

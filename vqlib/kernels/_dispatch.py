@@ -1,20 +1,24 @@
 """One dispatcher for every kernel op: backend names, the "auto" order per device, lazy imports.
 
-"auto" tries the Pallas backend of the current device first and ends at "xla"; a backend that
-cannot take the inputs raises NotImplementedError at trace time and the next one is tried. An
-explicit `impl` is tried alone, so it never falls back silently: when it refuses, the caller gets
-an ExceptionGroup holding its NotImplementedError (which says why and what to pass instead).
+"auto" tries the Pallas backend of the current device first and ends at "xla"; on CPU an op with a
+"faiss" backend (faiss-cpu's SIMD / BLAS loops, called through `jax.pure_callback`, so it also
+runs inside jit) tries it first when faiss is importable and the op's `prefer_faiss(args)` says the
+shapes are in the range where it was measured faster. A backend that cannot take the inputs
+raises NotImplementedError at trace time and the next one is tried. An explicit `impl` is tried
+alone, so it never falls back silently: when it refuses, the caller gets an ExceptionGroup holding
+its NotImplementedError (which says why and what to pass instead).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Literal
 
 import jax
 
-Impl = Literal["auto", "xla", "reference", "pallas_gpu", "pallas_tpu"]
+Impl = Literal["auto", "xla", "reference", "pallas_gpu", "pallas_tpu", "faiss"]
 PALLAS = ("pallas_gpu", "pallas_tpu")
 _PLATFORM = {"pallas_gpu": ("gpu", "cuda", "rocm"), "pallas_tpu": ("tpu",)}
 
@@ -24,16 +28,29 @@ def platform() -> str:
     return jax.default_backend()
 
 
-def auto_order(backends: Mapping[str, str]) -> tuple[str, ...]:
-    """Backends "auto" tries on this device: its Pallas kernel when one exists, then "xla"."""
+@functools.cache
+def faiss_available() -> bool:
+    """Whether faiss-cpu can be imported (checked once)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def auto_order(backends: Mapping[str, str], use_faiss: bool = False) -> tuple[str, ...]:
+    """Backends "auto" tries on this device: its Pallas kernel when one exists (on CPU, "faiss"
+    when `use_faiss` and faiss is importable), then "xla"."""
     mine = tuple(name for name in PALLAS if name in backends and platform() in _PLATFORM[name])
+    if use_faiss and "faiss" in backends and platform() == "cpu" and faiss_available():
+        mine = ("faiss", *mine)
     return (*mine, "xla")
 
 
-def check_impl(impl: str, backends: Mapping[str, str]) -> tuple[str, ...]:
+def check_impl(impl: str, backends: Mapping[str, str], use_faiss: bool = False) -> tuple[str, ...]:
     """The backends to try, in order; ValueError for an unknown name."""
     if impl == "auto":
-        return auto_order(backends)
+        return auto_order(backends, use_faiss)
     if impl not in backends:
         raise ValueError(f"impl must be one of {sorted(['auto', *backends])}, got {impl!r}")
     return (impl,)
@@ -55,10 +72,21 @@ def load(path: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def dispatch(op: str, impl: str, backends: Mapping[str, str], args: tuple, *, interpret: bool, **kwargs):
-    """Calls the first backend of `check_impl(impl)` that accepts the inputs."""
+def dispatch(
+    op: str,
+    impl: str,
+    backends: Mapping[str, str],
+    args: tuple,
+    *,
+    interpret: bool,
+    prefer_faiss: Callable[..., bool] | None = None,
+    **kwargs,
+):
+    """Calls the first backend of `check_impl(impl)` that accepts the inputs; "auto" includes the
+    faiss backend when `prefer_faiss(*args)` is true."""
     errors = []
-    for name in check_impl(impl, backends):
+    use_faiss = impl == "auto" and prefer_faiss is not None and bool(prefer_faiss(*args))
+    for name in check_impl(impl, backends, use_faiss):
         fn = load(backends[name])
         try:
             if name in PALLAS:

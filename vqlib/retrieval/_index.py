@@ -102,7 +102,7 @@ class Index:
     @property
     def ntotal(self) -> int:
         """Live vectors (deleted ones excluded)."""
-        return int(jnp.sum(self.live))
+        return int(np.count_nonzero(np.asarray(self.live)))
 
     @property
     def nlist(self) -> int:

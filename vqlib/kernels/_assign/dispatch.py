@@ -14,7 +14,13 @@ BACKENDS = {
     "reference": "vqlib.kernels._assign.reference:assign_reference",
     "pallas_gpu": "vqlib.kernels._assign.pallas_gpu:assign",
     "pallas_tpu": "vqlib.kernels._assign.pallas_tpu:assign",
+    "faiss": "vqlib.kernels._assign.faiss_cpu:assign",
 }
+
+
+def prefer_faiss(x, centroids) -> bool:
+    """Where "auto" on CPU hands `assign` to faiss: not yet (measured in benchmarks/kmeans_cpu.py)."""
+    return False
 
 
 def check_impl(impl: str) -> tuple[str, ...]:
@@ -50,4 +56,4 @@ def assign(
     _checks.check_dim(x, centroids.shape[1], what="centroids have")
     if centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one row")
-    return _dispatch.dispatch("assign", impl, BACKENDS, (x, centroids), interpret=interpret)
+    return _dispatch.dispatch("assign", impl, BACKENDS, (x, centroids), interpret=interpret, prefer_faiss=prefer_faiss)
