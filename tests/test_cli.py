@@ -231,3 +231,155 @@ def test_info_mistakes(capsys, files, target, match):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe")
 def test_info_on_a_named_pipe_does_not_block(capsys, files):
     _fails(capsys, ["index", "info", files["fifo"]], r"named pipe")
+
+
+# ----------------------------------------------------------------------------- every command, end to end
+
+_E2E_CHAINS = {
+    # name: commands run one after the other in subprocesses (each chain in its own thread)
+    "codebook": [
+        ["fit", "{x.npy}", "--method", "pq", "--m", "2", "--k", "16", "-o", "{e2e}/pq.vq"],
+        ["encode", "{e2e}/pq.vq", "{x.npy}", "-o", "{e2e}/codes.npy"],
+        ["decode", "{e2e}/pq.vq", "{e2e}/codes.npy", "-o", "{e2e}/x_hat.npy", "--json"],
+        ["fit", "{x.npy}", "--k", "8", "--option", "tol=0.0", "-o", "{e2e}/km.vq", "--json"],
+        ["encode", "{e2e}/km.vq", "{x.npy}", "-o", "{e2e}/km_codes.npy", "--json"],
+        ["decode", "{e2e}/km.vq", "{e2e}/km_codes.npy", "-o", "{e2e}/km_x_hat.npy"],
+    ],
+    "index": [
+        ["index", "build", "{x.npy}", "--nlist", "4", "--m", "4", "--keep-vectors", "-o", "{e2e}/ix.vq", "--json"],
+        ["index", "search", "{e2e}/ix.vq", "{q.npy}", "-k", "3", "--nprobe", "4", "--rerank", "20", "--json"],
+        ["index", "info", "{e2e}/ix.vq", "--json"],
+    ],
+    "demo": [["demo", "--n", "1500", "--json"]],
+    "bench": [["bench", "kernels", "--json"]],
+    "help": [["--help"], *([c, "--help"] for c in ("demo", "fit", "encode", "decode", "index", "bench"))],
+}
+
+
+@pytest.fixture(scope="module")
+def e2e(files):
+    """Every chain of _E2E_CHAINS, the chains side by side: {name: [(returncode, stdout, stderr), ...]}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = os.path.join(files["folder"], "e2e")
+    os.makedirs(folder, exist_ok=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def chain(commands):
+        results = []
+        for argv in commands:
+            argv = [sys.executable, "-m", "vqlib", *_args(argv, files, e2e=folder)]
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+            results.append((done.returncode, done.stdout, done.stderr))
+            if done.returncode:
+                break
+        return results
+
+    with ThreadPoolExecutor(len(_E2E_CHAINS)) as pool:
+        runs = dict(zip(_E2E_CHAINS, pool.map(chain, _E2E_CHAINS.values()), strict=True))
+    return folder, runs
+
+
+def _ok(runs, name: str, steps: int) -> list[str]:
+    assert len(runs[name]) == steps, runs[name][-1][2]
+    for returncode, _, stderr in runs[name]:
+        assert returncode == 0, stderr
+    return [stdout for _, stdout, _ in runs[name]]
+
+
+def test_fit_encode_decode_end_to_end(e2e, files):
+    import json
+
+    folder, runs = e2e
+    out = _ok(runs, "codebook", 6)
+    assert re.match(r"fitted pq \(ProductCodebook, 1 bytes per vector\) on 300 x 8 in .* -> .*pq\.vq", out[0]), out[
+        0
+    ]  # 2 codes of 4 bits
+    cb = vqlib.load(os.path.join(folder, "pq.vq"))
+    x = np.load(files["x.npy"])
+    codes = np.load(os.path.join(folder, "codes.npy"))
+    assert codes.shape == (300, 2) and codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, np.asarray(vqlib.encode(cb, x)))
+    x_hat = np.load(os.path.join(folder, "x_hat.npy"))
+    np.testing.assert_allclose(x_hat, np.asarray(vqlib.decode(cb, codes)), rtol=1e-6)
+    assert json.loads(out[2])["shape"] == [300, 8]
+    fitted = json.loads(out[3])
+    assert fitted["type"] == "KMeansCodebook" and fitted["bits_per_vector"] == 3 and 0 < fitted["relative_mse"] < 1
+    assert vqlib.load(os.path.join(folder, "km.vq")).centroids.shape == (8, 8)
+    assert json.loads(out[4])["shape"] == [300]  # k-means codes: one per row
+    assert np.load(os.path.join(folder, "km_x_hat.npy")).shape == (300, 8)
+
+
+def test_index_end_to_end_json(e2e):
+    import json
+
+    folder, runs = e2e
+    built, found, info = (json.loads(o) for o in _ok(runs, "index", 3))
+    assert built["kind"] == "ivfpq" and built["bytes_per_vector"] == 4 and built["vectors_kept"]
+    assert info == {k: v for k, v in built.items() if k not in ("output", "seconds")}
+    assert [row[0] for row in found["ids"]] == [0, 1, 2, 3]  # each query's own row first
+    assert vqlib.load(os.path.join(folder, "ix.vq")).ntotal == 300
+
+
+def test_demo_end_to_end_json(e2e):
+    """Every table has vqlib and faiss rows, finite numbers, honest bytes (TurboQuant's norm counted)."""
+    import json
+
+    (out,) = _ok(e2e[1], "demo", 1)
+    result = json.loads(out)
+    for table in ("kmeans", "codebooks", "index"):
+        methods = [row["method"] for row in result[table]]
+        assert any(m.startswith("vqlib") for m in methods) and any(m.startswith("faiss-cpu") for m in methods)
+        for row in result[table]:
+            assert all(np.isfinite(v) for v in row.values() if isinstance(v, float)), row
+    rows = {row["method"]: row for row in result["codebooks"]}
+    assert rows["vqlib TurboQuant 1 bit/dim + f16 norm"]["bytes"] == 10  # 64 one-bit codes + a 16-bit norm
+    assert rows["vqlib PQ 8x8"]["bytes"] == rows["faiss-cpu ProductQuantizer 8x8"]["bytes"] == 8
+    kmeans = result["kmeans"]
+    assert abs(kmeans[1]["relative_mse"] / kmeans[2]["relative_mse"] - 1) < 1e-3  # same seeds, same Lloyd
+    assert all(0 <= row["recall"] <= 1 for row in result["index"])
+
+
+def test_bench_end_to_end_json(e2e):
+    import json
+
+    (out,) = _ok(e2e[1], "bench", 1)
+    assert json.loads(out)["script"] == "benchmarks/gpu_kernels.py"
+
+
+def test_every_option_has_help(e2e):
+    """`--help` of every command: no option without its help text."""
+    outs = _ok(e2e[1], "help", 7)
+    assert "demo" in outs[0] and "bench" in outs[0]
+    parser = __import__("vqlib.cli", fromlist=["build_parser"]).build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if action.choices and isinstance(action.choices, dict):  # sub-commands
+                stack.extend(action.choices.values())
+            elif action.dest != "help" and action.option_strings:
+                assert action.help, f"{p.prog} {action.option_strings} has no help text"
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["fit", "{missing.npy}", "-o", "{out.vq}"], r"data file .* does not exist"),
+        (["fit", "{x.npy}", "--method", "nope", "-o", "{out.vq}"], r"unknown method 'nope'"),
+        (["fit", "{x.npy}", "--method", "pq", "-o", "{out.vq}"], r"needs option\(s\) \['m'\]"),
+        (["fit", "{x.npy}", "--option", "foo", "-o", "{out.vq}"], r"--option takes NAME=VALUE"),
+        (["fit", "{x.npy}", "--option", "foo=1", "-o", "{out.vq}"], r"unknown option\(s\) \['foo'\]"),
+        (["fit", "{x.npy}", "-o", "{nodir/out.vq}"], r"cannot write the codebook"),
+        (["encode", "{missing.vq}", "{x.npy}", "-o", "{out.vq}"], r"codebook file .* does not exist; fit one"),
+        (["encode", "{x.npy}", "{x.npy}", "-o", "{out.vq}"], r"not a readable vqlib file"),
+        (
+            ["encode", "{codebook.vq}", "{xodd.npy}", "-o", "{out.vq}"],
+            r"x has dimension 7 but the codebook was fitted on d=8",
+        ),
+        (["decode", "{codebook.vq}", "{x.npy}", "-o", "{out.vq}"], r"holds float32 values; codes are integers"),
+        (["demo", "--n", "10"], r"--n 10 is too small"),
+    ],
+)
+def test_codebook_command_mistakes(capsys, files, argv, match):
+    _fails(capsys, _args(argv, files), match)

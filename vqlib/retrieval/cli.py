@@ -33,7 +33,12 @@ def add_parser(sub) -> None:
     b.add_argument(
         "--type", default="ivfpq", help=f"index kind ({', '.join(KINDS)}) or a vqlib.fit method (default ivfpq)"
     )
-    b.add_argument("--metric", default="l2", choices=METRICS)
+    b.add_argument(
+        "--metric",
+        default="l2",
+        choices=METRICS,
+        help="l2: squared distances; ip: inner products; cos: cosine (default l2)",
+    )
     b.add_argument("--nlist", type=int, default=None, help="coarse lists (ivf kinds; default ~4 sqrt(n))")
     b.add_argument(
         "--m",
@@ -46,16 +51,20 @@ def add_parser(sub) -> None:
     b.add_argument("--bits", type=int, default=None, help="TurboQuant bits per coordinate (tq; 1 = sign codes)")
     b.add_argument("--ids", default=None, help="(n,) int64 .npy file of ids (default 0..n-1)")
     b.add_argument("--keep-vectors", action="store_true", help="store raw vectors for --rerank")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the training (default 0)")
+    b.add_argument("--json", action="store_true", help="print a JSON summary (kind, sizes, seconds) instead")
     s = cmds.add_parser("search", help="k nearest neighbours of each row of a .npy query matrix")
     s.add_argument("index", help="index file from `index build`")
     s.add_argument("queries", help="(q, d) float .npy file")
-    s.add_argument("-k", type=int, default=10)
-    s.add_argument("--nprobe", type=int, default=1)
+    s.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    s.add_argument("--nprobe", type=int, default=1, help="lists searched per query (ivf kinds; default 1)")
     s.add_argument("--rerank", type=int, default=None, help="re-score this many candidates exactly")
     s.add_argument("-o", "--output", default=None, help=".npz file for the results (scores, ids)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON (ids, scores, seconds) instead")
     i = cmds.add_parser("info", help="describe an index file")
-    i.add_argument("index")
+    i.add_argument("index", help="index file from `index build`")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(run=run)
 
 
 def default_m(d: int, *, fast_scan: bool) -> int | None:
@@ -67,8 +76,8 @@ def default_m(d: int, *, fast_scan: bool) -> int | None:
     return min(divisors, key=lambda m: (abs(m - target), m)) if divisors else None
 
 
-def read_npy(path: str, what: str, ndim: int) -> np.ndarray:
-    """A .npy array of rank `ndim`, memory-mapped; ValueError (naming the path and the fix) for a
+def read_npy(path: str, what: str, ndim: int | tuple[int, ...]) -> np.ndarray:
+    """A .npy array of rank `ndim` (or one of several), memory-mapped; ValueError (naming the path and the fix) for a
     missing file, a non-.npy file, a pickled / object array or the wrong rank."""
     if not os.path.exists(path):
         raise ValueError(f"{what} file {path} does not exist")
@@ -82,8 +91,8 @@ def read_npy(path: str, what: str, ndim: int) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{what} file {path} is not a readable .npy file ({e}); write it with numpy.save") from None
-    if array.ndim != ndim:
-        shape = "(n, d)" if ndim == 2 else "(n,)"
+    if array.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        shape = " or ".join({1: "(n,)", 2: "(n, d)"}[r] for r in (ndim if isinstance(ndim, tuple) else (ndim,)))
         raise ValueError(f"{what} file {path} holds an array of shape {array.shape}; {what} must be {shape}")
     return array
 
@@ -106,7 +115,8 @@ def _fit_options(args: argparse.Namespace, d: int) -> dict:
     return options
 
 
-def _check_output(path: str, what: str) -> None:
+def check_output(path: str, what: str) -> None:
+    """ValueError (one line, with the fix) when `path` cannot be written: no such folder, or a folder."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write the {what} to {path}: folder {folder} does not exist; create it first")
@@ -118,7 +128,7 @@ def run(args: argparse.Namespace) -> None:
     import jax
 
     if args.index_command == "build":
-        _check_output(args.output, "index")
+        check_output(args.output, "index")
         x = read_npy(args.data, "data", 2)
         ids = None
         if args.ids is not None:  # checked before training, which can take long
@@ -137,10 +147,14 @@ def run(args: argparse.Namespace) -> None:
             **options,
         )
         _io.save(args.output, index)
-        print(f"built {_describe(index)} in {time.perf_counter() - start:.1f} s -> {args.output}")
+        seconds = time.perf_counter() - start
+        if args.json:
+            _print_json(dict(_info(index), output=args.output, seconds=seconds))
+        else:
+            print(f"built {_describe(index)} in {seconds:.1f} s -> {args.output}")
     elif args.index_command == "search":
         if args.output:
-            _check_output(args.output, "results")
+            check_output(args.output, "results")
         index = _load_index(args.index)
         queries = np.asarray(read_npy(args.queries, "queries", 2))
         start = time.perf_counter()
@@ -148,12 +162,40 @@ def run(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         if args.output:
             np.savez(args.output, scores=scores, ids=ids)
+        if args.json:
+            out = dict(queries=len(queries), k=args.k, seconds=seconds, output=args.output)
+            if not args.output:
+                out.update(ids=np.asarray(ids).tolist(), scores=np.asarray(scores).tolist())
+            _print_json(out)
+        elif args.output:
             print(f"{len(queries)} queries in {seconds:.2f} s -> {args.output}")
         else:
             for row_ids, row_scores in zip(ids, scores, strict=True):
                 print(" ".join(f"{i}:{s:.4g}" for i, s in zip(row_ids, row_scores, strict=True)))
     else:
-        print(_describe(_load_index(args.index)))
+        index = _load_index(args.index)
+        if args.json:
+            _print_json(_info(index))
+        else:
+            print(_describe(index))
+
+
+def _print_json(obj) -> None:
+    import json
+
+    print(json.dumps(obj, indent=1))
+
+
+def _info(index: Index) -> dict:
+    return dict(
+        kind=index.kind,
+        metric=index.metric,
+        ntotal=int(index.ntotal),
+        d=int(index.dim),
+        nlist=int(index.nlist),
+        bytes_per_vector=int(bytes_per_vector(index)),
+        vectors_kept=index.vectors is not None,
+    )
 
 
 def _load_index(path: str) -> Index:

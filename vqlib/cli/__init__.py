@@ -1,0 +1,83 @@
+"""The command line, `vqlib` or `python -m vqlib`: one module per command group.
+
+    vqlib demo [--size small|full] [--json]        vqlib and faiss-cpu side by side on generated data
+    vqlib fit DATA.npy --method pq --m 8 -o cb.vq  fit a codebook to a .npy matrix and save it
+    vqlib encode cb.vq DATA.npy -o codes.npy       codes of each row
+    vqlib decode cb.vq codes.npy -o x_hat.npy      rows back from their codes
+    vqlib index build|search|info ...              ANN indexes (`vqlib.retrieval.cli`)
+    vqlib bench NAME [--json]                      a benchmark of benchmarks/ at a small size
+    vqlib compress | ppl ...                       LLM weights, once `vqlib.llm.cli` exists (see below)
+
+A user mistake (a missing or unreadable file, an option the method needs, a bad value) prints one
+line on stderr, `vqlib <command>: error: <what, and the fix>`, and exits with code 2, never a
+traceback; `VQLIB_TRACEBACK=1` shows the traceback (for bug reports). `--json` prints one JSON
+document on stdout for scripts; progress bars go to stderr, and only on a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_EPILOG = "Each command has its own --help. Docs: README.md; results: benchmarks/RESULTS.md."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every command (for `main` and for the docs)."""
+    from vqlib.cli import _bench, _codebook, _demo
+    from vqlib.retrieval import cli as retrieval_cli
+
+    parser = argparse.ArgumentParser(
+        prog="vqlib",
+        description="vqlib: vector quantization and clustering in JAX, from the command line.",
+        epilog=_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _demo.add_parser(sub)
+    _codebook.add_parsers(sub)
+    retrieval_cli.add_parser(sub)
+    _bench.add_parser(sub)
+    _add_llm_commands(sub)
+    return parser
+
+
+def _add_llm_commands(sub) -> None:
+    """`compress` and `ppl` from vqlib.llm's public command module, when it exists. Today they live
+    in the private `vqlib.llm._cli`, which the import contracts keep other packages from importing,
+    so they appear here as soon as vqlib.llm publishes `vqlib.llm.cli` (add_parser(sub), run(args))."""
+    import importlib.util
+
+    if importlib.util.find_spec("vqlib.llm.cli") is None:
+        return
+    from vqlib.llm import cli as llm_cli
+
+    llm_cli.add_parser(sub)
+    for name in ("compress", "ppl"):
+        if name in sub.choices:
+            sub.choices[name].set_defaults(run=llm_cli.run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs one command; user mistakes exit with code 2 and one line on stderr."""
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+        if os.environ.get("VQLIB_TRACEBACK"):
+            raise
+        command = " ".join(["vqlib", args.command] + ([args.index_command] if args.command == "index" else []))
+        print(f"{command}: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (an OSError as `path: reason`)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        message = f"{e.filename}: {e.strerror}"
+    else:
+        message = str(e) or type(e).__name__
+    return " ".join(message.split())
