@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import time
 
 import faiss
 import jax
 import numpy as np
+from machine import describe
 
 import vqlib
 from vqlib import retrieval
@@ -149,11 +148,22 @@ def sweep(label: str, cfg: dict, search_at, queries, truth, stop: float) -> list
     return points
 
 
-def run_vqlib(cfg, base, queries, truth, metric, stop) -> dict:
+def run_vqlib(cfg, base, queries, truth, metric, stop, impls) -> dict:
+    """One build; a sweep per search engine in `impls` ("auto": faiss on CPU where it can hold the
+    index, else XLA; "xla"). Returns {engine label: result}."""
     start = time.perf_counter()
     index = retrieval.build(base, cfg["kind"], metric=metric, **cfg["opts"])
     build_s = time.perf_counter() - start
+    engine = "faiss" if jax.default_backend() == "cpu" and retrieval._faiss_engine.can_serve(index) else "xla"
+    out = {}
+    for impl in impls:
+        label = f"vqlib[{engine if impl == 'auto' else impl}]"
+        if label not in out:
+            out[label] = _sweep_vqlib(cfg, index, queries, truth, stop, impl, label, build_s)
+    return out
 
+
+def _sweep_vqlib(cfg, index, queries, truth, stop, impl, label, build_s) -> dict:
     def search_at(p):
         if cfg["kind"] == "rabitq":
             kwargs = dict(rerank=10 * p)  # as faiss's IndexRefine k_factor: p * k candidates
@@ -163,9 +173,9 @@ def run_vqlib(cfg, base, queries, truth, metric, stop) -> dict:
             return None
         else:
             kwargs = dict(nprobe=p, rerank=10 * cfg["rerank"]) if "rerank" in cfg else dict(nprobe=p)
-        return lambda: retrieval.search(index, queries, k=10, **kwargs)[1]
+        return lambda: retrieval.search(index, queries, k=10, impl=impl, **kwargs)[1]
 
-    points = sweep("vqlib", cfg, search_at, queries, truth, stop)
+    points = sweep(label, cfg, search_at, queries, truth, stop)
     return dict(build_s=build_s, bytes=retrieval.bytes_per_vector(index), points=points)
 
 
@@ -234,7 +244,10 @@ def plot(results: dict, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, (name, r) in enumerate(results["indexes"].items()):
         color = f"C{i}"
-        for lib, style in (("vqlib", "-o"), ("faiss", "--s")):
+        styles = {lib: ("--s" if lib == "faiss" else ":^" if lib == "vqlib[xla]" else "-o") for lib in r}
+        for lib, style in styles.items():
+            if lib in ("vqlib",):  # a result of an older run, before engines were recorded
+                style = "-o"
             pts = r[lib]["points"]
             ax.plot(
                 [p["recall"] for p in pts],
@@ -263,9 +276,12 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated index names' first words (IVF-Flat, ...)")
     parser.add_argument("--stop", type=float, default=0.995, help="end a sweep at this recall")
     parser.add_argument("--quick", action="store_true", help="short sweeps (smoke test)")
+    parser.add_argument("--impls", default="auto,xla", help="vqlib search engines to sweep: auto, xla, faiss")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/ann_<dataset>.json)")
     args = parser.parse_args()
     base, queries, truth, metric, nlist = load(args.dataset, args.n, args.queries)
     nlist = args.nlist or nlist
+    print(f"CPU: {describe()}; vqlib on {jax.devices()[0].device_kind}")
     print(
         f"{args.dataset}: {base.shape[0]:,} x {base.shape[1]}, {len(queries)} queries, {metric}, nlist {nlist}, "
         f"{faiss.omp_get_max_threads()} faiss threads"
@@ -277,7 +293,8 @@ def main() -> None:
         metric=metric,
         nlist=nlist,
         queries=len(queries),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores",
+        machine=describe(),
+        device=f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
         date=time.strftime("%Y-%m-%d"),
         versions=dict(vqlib=vqlib.__version__, jax=jax.__version__, faiss=faiss.__version__),
         indexes={},
@@ -288,42 +305,50 @@ def main() -> None:
         if args.quick:
             cfg["sweep"] = cfg["sweep"][:3]
         print(cfg["name"], flush=True)
-        r = dict(
-            vqlib=run_vqlib(cfg, base, queries, truth, metric, args.stop),
-            faiss=run_faiss(cfg, base, queries, truth, metric, args.stop),
-        )
-        for lib in ("vqlib", "faiss"):
+        r = run_vqlib(cfg, base, queries, truth, metric, args.stop, args.impls.split(","))
+        r["faiss"] = run_faiss(cfg, base, queries, truth, metric, args.stop)
+        for lib in r:
             r[lib]["qps_at_0.9"] = qps_at(r[lib]["points"], 0.9)
         results["indexes"][cfg["name"]] = r
-    out = HERE / "results" / f"ann_{args.dataset}{'_quick' if args.quick else ''}.json"
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else HERE / "results" / f"ann_{args.dataset}{'_quick' if args.quick else ''}.json"
+    )
     if args.only and out.exists():  # a partial rerun replaces its rows in the last full run
         previous = json.loads(out.read_text())
         results["indexes"] = {**previous["indexes"], **results["indexes"]}
     out.write_text(json.dumps(results, indent=1))
     plot(results, out.with_suffix(".png"))
     print(
-        "\n| index | bytes/vec vqlib / faiss | build s vqlib / faiss | best recall@10 vqlib / faiss "
+        "\n| index | vqlib engine | bytes/vec vqlib / faiss | build s vqlib / faiss | best recall@10 vqlib / faiss "
         "| QPS at recall 0.9 vqlib / faiss | ratio |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
+    fmt = lambda q: f"{q:,.0f}" if q else "not reached"  # noqa: E731
     for name, r in results["indexes"].items():
-        v, f = r["vqlib"], r["faiss"]
-        qv, qf = v["qps_at_0.9"], f["qps_at_0.9"]
-        ratio = f"{qv / qf:.2f}" if qv and qf else "n/a"
-        fmt = lambda q: f"{q:,.0f}" if q else "not reached"  # noqa: E731
-        print(
-            f"| {name} | {v['bytes']} / {f['bytes']} | {v['build_s']:.1f} / {f['build_s']:.1f} "
-            f"| {max(p['recall'] for p in v['points']):.3f} / {max(p['recall'] for p in f['points']):.3f} "
-            f"| {fmt(qv)} / {fmt(qf)} | {ratio} |"
-        )
-    print("\n| index | nprobe / k_factor | recall@10 vqlib / faiss | QPS vqlib / faiss |")
-    print("|---|---|---|---|")
+        f = r["faiss"]
+        for lib in [lib for lib in r if lib.startswith("vqlib")]:
+            v = r[lib]
+            qv, qf = v["qps_at_0.9"], f["qps_at_0.9"]
+            ratio = f"{qv / qf:.2f}" if qv and qf else "n/a"
+            print(
+                f"| {name} | {lib[6:-1]} | {v['bytes']} / {f['bytes']} | {v['build_s']:.1f} / {f['build_s']:.1f} "
+                f"| {max(p['recall'] for p in v['points']):.3f} / {max(p['recall'] for p in f['points']):.3f} "
+                f"| {fmt(qv)} / {fmt(qf)} | {ratio} |"
+            )
+    print("\n| index | vqlib engine | nprobe / k_factor | recall@10 vqlib / faiss | QPS vqlib / faiss |")
+    print("|---|---|---|---|---|")
     for name, r in results["indexes"].items():
         faiss_points = {p["param"]: p for p in r["faiss"]["points"]}
-        for p in r["vqlib"]["points"]:
-            f = faiss_points.get(p["param"])
-            other = (f"{f['recall']:.3f}", f"{f['qps']:,.0f}") if f else ("-", "-")
-            print(f"| {name} | {p['param']} | {p['recall']:.3f} / {other[0]} | {p['qps']:,.0f} / {other[1]} |")
+        for lib in [lib for lib in r if lib.startswith("vqlib")]:
+            for p in r[lib]["points"]:
+                f = faiss_points.get(p["param"])
+                other = (f"{f['recall']:.3f}", f"{f['qps']:,.0f}") if f else ("-", "-")
+                print(
+                    f"| {name} | {lib[6:-1]} | {p['param']} | {p['recall']:.3f} / {other[0]} "
+                    f"| {p['qps']:,.0f} / {other[1]} |"
+                )
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import platform
 import time
@@ -23,6 +22,7 @@ import time
 import faiss
 import jax
 import numpy as np
+from machine import describe
 
 import vqlib
 from vqlib.testing import clustered, mse, timed
@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.n or (20_000 if args.quick else 100_000)
     d = 64 if args.quick else 128
-    print(f"vqlib {vqlib.__version__}, faiss {faiss.__version__}, {os.cpu_count()} CPU cores; n={n}")
+    print(f"vqlib {vqlib.__version__}, faiss {faiss.__version__}, CPU: {describe()}; n={n}")
     print(
         f"{'data':<10} {'quantizer':<18} {'bits':>5} {'train s':>8} {'faiss s':>8} {'ratio':>6} "
         f"{'enc/s':>10} {'faiss/s':>10} {'ratio':>6} {'MSE':>9} {'faiss':>9} {'ratio':>6}"
@@ -142,7 +142,7 @@ def main() -> None:
         print(f"(GloVe skipped: {GLOVE} not found)")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cores=os.cpu_count(), n=n, d=d)
+    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpu=describe(), n=n, d=d)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     print(f"wrote {out}")
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import psutil
+from machine import describe
 
 import vqlib
 
@@ -294,7 +295,7 @@ def main():
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "cpu": platform.processor() or platform.platform(),
+        "cpu": describe(),
         "jax": jax.__version__,
         "matmul": rate,
         "rows": rows,

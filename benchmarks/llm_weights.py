@@ -22,13 +22,13 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import cpu_model
 
 import vqlib
 import vqlib.llm
@@ -62,17 +62,6 @@ ROWS = {
 }
 # The embedding / tied head gets more bits than the blocks where the budget allows: it is 21% of
 # the weights, and both the first and the last layer of the network.
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def smollm2_path() -> str:

@@ -66,7 +66,8 @@ def test_streaming_exact_passes_equal_in_memory_lloyd(data):
     np.testing.assert_allclose(streamed.stats.inertia, in_memory.stats.inertia, rtol=1e-5)
 
 
-def test_streaming_reads_memmaps_and_chunk_iterators(data, tmp_path, capsys):
+def test_streaming_reads_memmaps_and_chunk_iterators(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vqlib._progress, "_shown", bool)  # draw the bar although stderr is captured
     path = tmp_path / "x.npy"
     np.save(path, data)
     mm = np.load(path, mmap_mode="r")

@@ -16,6 +16,11 @@ IMPLS = {
 }
 
 
+def impls_of(backends) -> list[str]:
+    """The test ids whose implementation `backends` (an op's BACKENDS table) has."""
+    return [name for name, (impl, _, _) in IMPLS.items() if impl in backends]
+
+
 def impl_kwargs(name: str) -> dict:
     """Keyword arguments selecting implementation `name`; skips when its device is absent."""
     impl, interpret, platform = IMPLS[name]

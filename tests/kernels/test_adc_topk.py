@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_impls import IMPLS, impl_kwargs
+from kernel_impls import impl_kwargs, impls_of
 
+import vqlib
 from vqlib.codebooks import adc_lookup
-from vqlib.kernels import adc_topk
+from vqlib.kernels import BACKENDS, adc_topk
 
 # (q, m, kc, n, k): one row and k = 1; n not a tile multiple; odd kc; q above a query tile; k = n
 SHAPES = [(1, 1, 3, 1, 1), (3, 4, 16, 300, 7), (17, 3, 33, 130, 130), (2, 2, 256, 600, 20)]
@@ -22,7 +23,7 @@ def _oracle(tables, codes, bias):
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no bias", "bias"])
 @pytest.mark.parametrize("q,m,kc,n,k", SHAPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", impls_of(BACKENDS["adc_topk"]))
 def test_every_impl_matches_float64_oracle(impl, q, m, kc, n, k, with_bias, key):
     kw = impl_kwargs(impl)
     kt, kc_, kb = jax.random.split(key, 3)
@@ -40,7 +41,7 @@ def test_every_impl_matches_float64_oracle(impl, q, m, kc, n, k, with_bias, key)
     assert all(len(set(row)) == k for row in np.asarray(ids).tolist()), "a row was returned twice"
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", impls_of(BACKENDS["adc_topk"]))
 def test_ties_go_to_the_lowest_row(impl):
     kw = impl_kwargs(impl)
     tables = jnp.asarray([[[0.0, 1.0], [0.0, 2.0]]])  # scores 0, 1, 2, 3 with many equal rows
@@ -74,3 +75,20 @@ def test_argument_errors():
     with pytest.raises(ExceptionGroup) as info:  # more results than the kernel selects on chip
         adc_topk(jnp.ones((1, 1, 3)), jnp.zeros((400, 1), jnp.int32), 257, impl="pallas_gpu", interpret=True)
     assert info.group_contains(NotImplementedError, match="at most 256")
+
+
+@pytest.mark.parametrize("lookup", ["onehot", "gather"])
+@pytest.mark.parametrize("q,m,kc,n,k", SHAPES)
+def test_pallas_gpu_lookups_match_the_oracle(lookup, q, m, kc, n, k, key):
+    """Both ways the GPU kernel reads the tables; compiled on a GPU, in the interpreter elsewhere."""
+    gpu = vqlib.kernels.backend("adc_topk", "pallas_gpu")
+    kt, kc_, kb = jax.random.split(key, 3)
+    tables = jax.random.normal(kt, (q, m, kc))
+    codes = jax.random.randint(kc_, (n, m), 0, kc).astype(jnp.uint8 if kc <= 256 else jnp.int32)
+    bias = jax.random.normal(kb, (n,))
+    block = gpu.BlockSizes(lookup=lookup, block_q=16, block_n=128)
+    dists, ids = gpu.adc_topk(tables, codes, k, bias, block=block, interpret=jax.default_backend() != "gpu")
+    s = _oracle(tables, codes, bias)
+    want = np.take_along_axis(s, np.argsort(s, axis=1, kind="stable")[:, :k], 1)
+    np.testing.assert_allclose(np.asarray(dists), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(s, np.asarray(ids), 1), want, rtol=1e-5, atol=1e-5)

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_impls import IMPLS, impl_kwargs
+from kernel_impls import impl_kwargs, impls_of
 
 import vqlib
-from vqlib.kernels import _dispatch, assign, assign_reference, backend
+from vqlib.kernels import BACKENDS, _dispatch, assign, assign_reference, backend
 
 pallas_gpu, pallas_tpu = backend("assign", "pallas_gpu"), backend("assign", "pallas_tpu")
 BlockSizes, assign_xla = backend("assign", "xla").BlockSizes, backend("assign", "xla").assign
@@ -111,7 +111,7 @@ KERNEL_BLOCKS = {
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("n,k,d", KERNEL_SHAPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", impls_of(BACKENDS["assign"]))
 def test_every_impl_matches_float64_oracle(impl, n, k, d, dtype, key):
     if dtype != jnp.float32 and impl in ("reference", "xla"):
         pytest.skip("covered by test_every_impl_matches_oracle_per_dtype")

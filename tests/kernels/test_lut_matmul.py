@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_impls import IMPLS, impl_kwargs
+from kernel_impls import impl_kwargs, impls_of
 
 from vqlib.codebooks._e8 import _decode_e8p, _e8p_patterns
-from vqlib.kernels import dequantize, lut_matmul, lut_weight
+from vqlib.kernels import BACKENDS, dequantize, lut_matmul, lut_weight
 
 OUT, IN = 48, 128
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
@@ -53,7 +53,7 @@ def _decode64(w):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch", [1, 19])
 @pytest.mark.parametrize("kind", ["scalar", "vq", "pq", "aq", "e8p"])
-@pytest.mark.parametrize("impl", [name for name in IMPLS if "tpu" not in name])
+@pytest.mark.parametrize("impl", [name for name in impls_of(BACKENDS["lut_matmul"]) if "tpu" not in name])
 def test_every_impl_matches_float64(impl, kind, batch, dtype, key):
     kw = impl_kwargs(impl)
     kw_, kx = jax.random.split(key)

@@ -86,7 +86,7 @@ def test_generate_greedy_and_capacity():
         seq.append(int(np.argmax(reference.forward(weights, seq, num_heads=4, num_kv_heads=2, head_dim=8)[-1])))
     assert out.tolist() == [seq[3:]]
     with pytest.raises(ValueError, match="max_len"):
-        generate(model, prompt, 10, cache=init_float_cache(model.config, 1, 8))
+        generate(model, prompt, 10, kv_cache=init_float_cache(model.config, 1, 8))
 
 
 def test_token_nll_vmaps_over_a_batch_axis():

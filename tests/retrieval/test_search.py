@@ -305,3 +305,16 @@ def test_search_inside_jit_equals_search_outside(data):
             assert got[1].dtype == np.int32
             np.testing.assert_array_equal(np.asarray(got[1]), want[1])
             np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=1e-5, atol=1e-4)
+
+
+def test_pq_with_few_centroids_and_two_dims_per_subspace_searches_on_cpu(data):
+    """faiss's SIMD tables assert ksub % 8 == 0 for 2-dim subspaces: "auto" must not hand such an
+    index to faiss (it raised a RuntimeError from faiss before); the answer is XLA's."""
+    x, q = data[0][:300, :8], data[1][:4, :8]
+    index = retrieval.build(x, "pq", m=4, k=4)
+    assert not vqlib.retrieval._faiss_engine.can_serve(index)
+    auto = retrieval.search(index, q, k=5)
+    xla = retrieval.search(index, q, k=5, impl="xla")
+    np.testing.assert_array_equal(np.asarray(auto[1]), np.asarray(xla[1]))
+    with pytest.raises(ValueError, match="faiss"):
+        retrieval.search(index, q, k=5, impl="faiss")

@@ -111,7 +111,9 @@ def _top_far(dists, points, r: int):
 
 
 def pass_stats(x, w, centroids, *, num_far: int, update: str, impl: str) -> PassStats:
-    codes, d2 = assign_op(x, centroids, impl=impl)
+    # 16-bit points are assigned in their own precision (float32 accumulation): the tensor-core
+    # path, and a float32 centroid would only be rounded against a 16-bit point anyway
+    codes, d2 = assign_op(x, centroids.astype(x.dtype), impl=impl)
     sums, counts = _cluster_sums(x, w, codes, centroids.shape[0], update)
     wd2 = d2 if w is None else w * d2
     far_dists, far_points = _top_far(wd2, x, num_far)

@@ -38,19 +38,21 @@ def faiss_available() -> bool:
     return True
 
 
-def auto_order(backends: Mapping[str, str], use_faiss: bool = False) -> tuple[str, ...]:
-    """Backends "auto" tries on this device: its Pallas kernel when one exists (on CPU, "faiss"
-    when `use_faiss` and faiss is importable), then "xla"."""
-    mine = tuple(name for name in PALLAS if name in backends and platform() in _PLATFORM[name])
+def auto_order(backends: Mapping[str, str], use_faiss: bool = False, use_pallas: bool = True) -> tuple[str, ...]:
+    """Backends "auto" tries on this device: its Pallas kernel when one exists and `use_pallas`
+    (on CPU, "faiss" when `use_faiss` and faiss is importable), then "xla"."""
+    mine = tuple(name for name in PALLAS if use_pallas and name in backends and platform() in _PLATFORM[name])
     if use_faiss and "faiss" in backends and platform() == "cpu" and faiss_available():
         mine = ("faiss", *mine)
     return (*mine, "xla")
 
 
-def check_impl(impl: str, backends: Mapping[str, str], use_faiss: bool = False) -> tuple[str, ...]:
+def check_impl(
+    impl: str, backends: Mapping[str, str], use_faiss: bool = False, use_pallas: bool = True
+) -> tuple[str, ...]:
     """The backends to try, in order; ValueError for an unknown name."""
     if impl == "auto":
-        return auto_order(backends, use_faiss)
+        return auto_order(backends, use_faiss, use_pallas)
     if impl not in backends:
         raise ValueError(f"impl must be one of {sorted(['auto', *backends])}, got {impl!r}")
     return (impl,)
@@ -80,13 +82,16 @@ def dispatch(
     *,
     interpret: bool,
     prefer_faiss: Callable[..., bool] | None = None,
+    prefer_pallas: Callable[..., bool] | None = None,
     **kwargs,
 ):
     """Calls the first backend of `check_impl(impl)` that accepts the inputs; "auto" includes the
-    faiss backend when `prefer_faiss(*args)` is true."""
+    faiss backend when `prefer_faiss(*args)` is true, and the device's Pallas kernel unless
+    `prefer_pallas(*args)` is false (shapes or dtypes where it was measured slower)."""
     errors = []
     use_faiss = impl == "auto" and prefer_faiss is not None and bool(prefer_faiss(*args))
-    for name in check_impl(impl, backends, use_faiss):
+    use_pallas = impl != "auto" or prefer_pallas is None or bool(prefer_pallas(*args))
+    for name in check_impl(impl, backends, use_faiss, use_pallas):
         fn = load(backends[name])
         try:
             if name in PALLAS:

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import vqlib
 from vqlib import _checks
+from vqlib.codebooks import encode
 from vqlib.llm import _finetune
 from vqlib.llm._common import fit_centroids
 from vqlib.llm._gptq import prepare
@@ -241,7 +241,7 @@ def compress_weight(
     codebooks, codes = [], []
     for i in range(m):  # residual k-means
         cb = fit_centroids(jax.random.fold_in(key, i), residual, weights, k, kmeans_iters, 64)
-        c = vqlib.encode(cb, residual)
+        c = encode(cb, residual)
         centroids = cb.centroids
         residual = residual - centroids[c]
         codebooks.append(centroids)

@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> None:
             )
         except (ValueError, TypeError, FileNotFoundError) as e:
             _fail(str(e))
-        import vqlib
+        from vqlib._io import save
 
-        vqlib.save(args.output, compressed)
+        save(args.output, compressed)
         info = compressed.describe()
         print(
             f"{args.method} {args.bits}-bit: {bits_per_weight(compressed):.3f} bits per weight (all parameters), "

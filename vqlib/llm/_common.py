@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-import vqlib
+from vqlib.codebooks import fit
 
 
 def fit_centroids(key, points, weights, k: int, iters: int, per_centroid: int):
@@ -20,4 +20,4 @@ def fit_centroids(key, points, weights, k: int, iters: int, per_centroid: int):
         pick = jax.random.choice(sample_key, points.shape[0], (limit,), replace=False)
         points = points[pick]
         weights = None if weights is None else weights[pick]
-    return vqlib.fit(points, "kmeans", key=fit_key, k=k, max_iter=iters, sample_weight=weights)
+    return fit(points, "kmeans", key=fit_key, k=k, max_iter=iters, sample_weight=weights)

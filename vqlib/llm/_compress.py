@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import importlib
 import json
-import sys
 import time
 
 import jax
@@ -30,10 +29,21 @@ import numpy as np
 from jax import lax
 
 from vqlib import _checks
+from vqlib import _progress as _bars
 from vqlib.llm import _finetune
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._eval import as_tokens
-from vqlib.llm._model import LINEARS, Block, Model, Params, attention_context, mlp_hidden, rms_norm, rope_tables
+from vqlib.llm._model import (
+    LINEARS,
+    Block,
+    Model,
+    Params,
+    attention_context,
+    block_outputs,
+    mlp_hidden,
+    rms_norm,
+    rope_tables,
+)
 from vqlib.llm._weights import CompressedWeight, linear, stored_bits
 
 METHODS = {
@@ -128,32 +138,19 @@ def _norm(h, gain, eps: float):
     return rms_norm(h, gain, eps)
 
 
-@jax.jit
-def block_outputs(blk: Block, config: LlamaConfig, h):
-    """The block applied to h (b, t, dim) as a whole sequence each (no cache)."""
-    from vqlib.llm._model import block_forward
-
-    positions = jnp.arange(h.shape[1], dtype=jnp.int32)
-    cos, sin = rope_tables(config, positions)
-    return block_forward(blk, config, h, cos, sin, positions)[0]
-
-
 # ----------------------------------------------------------------------------- the front door
 
 
 def _progress(desc: str, total: int, enabled: bool):
-    start = time.perf_counter()
+    """step(done): advances a tqdm bar (vqlib._progress: silent off a terminal) to `done` of `total`."""
+    bar = _bars.steps(total, desc=desc, enabled=enabled)
 
     def step(done: int, note: str = ""):
-        if not enabled:
-            return
-        filled = int(30 * done / total)
-        sys.stderr.write(
-            f"\r{desc} [{'#' * filled}{' ' * (30 - filled)}] {done}/{total} {time.perf_counter() - start:6.1f}s {note}"
-        )
+        bar.update(done - bar.n)
+        if note:
+            bar.set_postfix_str(note)
         if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            bar.close()
 
     return step
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
-import time
 
 import numpy as np
 
-from vqlib import _checks
+from vqlib import _checks, _progress
 from vqlib.llm._model import Model, encode_text, token_nll
 
 # The shared evaluation data, relative to the repository (../shared/data next to the checkout).
@@ -76,7 +74,7 @@ def perplexity(
         ctx: window length in tokens.
         max_windows: score only the first this many windows (None: all).
         batch_size: windows per forward call.
-        progress: print a progress line to stderr.
+        progress: a progress bar on stderr (when it is a terminal).
 
     Returns:
         The perplexity (a Python float).
@@ -100,18 +98,11 @@ def perplexity(
     if len(wins) == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of ctx={ctx}; use a smaller ctx")
     total, count = 0.0, 0
-    start = time.perf_counter()
-    for i in range(0, len(wins), batch_size):
-        nll = np.asarray(token_nll(model.params, model.config, wins[i : i + batch_size]), np.float64)
-        total += float(nll.sum())
-        count += nll.size
-        if progress:
-            done = min(i + batch_size, len(wins))
-            sys.stderr.write(
-                f"\rperplexity: {done}/{len(wins)} windows, ppl {np.exp(total / count):.4f}, "
-                f"{time.perf_counter() - start:.0f} s"
-            )
-            sys.stderr.flush()
-    if progress:
-        sys.stderr.write("\n")
+    with _progress.steps(len(wins), desc="perplexity", enabled=progress) as bar:
+        for i in range(0, len(wins), batch_size):
+            nll = np.asarray(token_nll(model.params, model.config, wins[i : i + batch_size]), np.float64)
+            total += float(nll.sum())
+            count += nll.size
+            bar.update(min(batch_size, len(wins) - i))
+            bar.set_postfix_str(f"ppl {np.exp(total / count):.4f}")
     return float(np.exp(total / count))

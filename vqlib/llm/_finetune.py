@@ -23,6 +23,7 @@ import optax
 from jax import lax
 
 from vqlib import _checks
+from vqlib.llm._model import block_outputs
 from vqlib.llm._weights import CompressedWeight
 
 OPTIONS = ("finetune_steps", "finetune_sequences", "finetune_lr")
@@ -69,8 +70,6 @@ def _rebuild(blk, params, dtype=jnp.float32):
 
 @functools.partial(jax.jit, static_argnames=("steps",))
 def _adam(params, blk, config, h, target, lr, *, steps: int):
-    from vqlib.llm._compress import block_outputs
-
     scale = jnp.mean((target - h) ** 2)
 
     def loss(p):
@@ -100,8 +99,6 @@ def finetune_block(key, blk, float_blk, config, h, *, finetune_steps: int, finet
     Returns:
         (block, (relative loss before, after)).
     """
-    from vqlib.llm._compress import block_outputs
-
     if finetune_steps == 0:
         return blk, None
     pick = jax.random.choice(key, h.shape[0], (min(finetune_sequences, h.shape[0]),), replace=False)

@@ -89,14 +89,17 @@ def calibrate(
     return KVCalibration(model.config, seq_len, keys, values, kw, vw)
 
 
-def _calibration(model, calibration, options, *, sensitivity: bool) -> KVCalibration:
+def _calibration(model, calibration, options, *, sensitivity: bool, num_sequences: int = 8) -> KVCalibration:
+    kwargs = {name: options.pop(name) for name in ("num_sequences", "seq_len") if name in options}
     if isinstance(calibration, KVCalibration):
+        if kwargs:
+            raise TypeError(f"{sorted(kwargs)} set how calibrate() runs; calibration is already a calibrate() result")
         if calibration.config != model.config:
             raise ValueError("calibration was collected on another model (its config differs); calibrate this model")
         if sensitivity and calibration.key_weights is None:
             raise ValueError("this method weights k-means by sensitivity: calibrate(..., sensitivity=True)")
         return calibration
-    kwargs = {name: options.pop(name) for name in ("num_sequences", "seq_len") if name in options}
+    kwargs.setdefault("num_sequences", num_sequences)
     return calibrate(model, calibration, sensitivity=sensitivity, **kwargs)
 
 
@@ -271,9 +274,8 @@ def _pq(model, bits, calibration, key, options, common):
     pair_rope = bool(options.pop("pair_rope", True))
     tables = bool(options.pop("tables", True))
     max_iter = _checks.check_int(options.pop("max_iter", 25), "max_iter", low=1)
-    options.setdefault("num_sequences", 16)
     window, settings = _pop_window(options, 0)
-    cal = _calibration(model, calibration, options, sensitivity=False)
+    cal = _calibration(model, calibration, options, sensitivity=False, num_sequences=16)
     _no_more(options, "pq")
     k_key, v_key = jax.random.split(key)
     key_order = rope_pair_order(hd) if pair_rope else tuple(range(hd))
@@ -321,6 +323,11 @@ def cache_storage(cache, context: int | None = None) -> dict:
     if not isinstance(cache, CompressedKVCache):
         raise TypeError(f"expected a cache from make_cache, got {type(cache).__name__}")
     return cache.storage(context)
+
+
+def cache_batch(cache) -> int:
+    """Sequences the cache holds."""
+    return cache.keys[0].shape[0] if isinstance(cache, FloatKVCache) else cache.length_batch
 
 
 def check_cache_for(cache, model: Model, num_tokens: int) -> None:

@@ -290,9 +290,9 @@ def load(path) -> Model:
         magic = f.read(4)
     if magic == b"GGUF":
         return load_gguf(path)
-    import vqlib
+    from vqlib._io import load as load_file
 
-    obj = vqlib.load(path)  # raises ValueError for anything that is not a vqlib file
+    obj = load_file(path)  # raises ValueError for anything that is not a vqlib file
     if not isinstance(obj, Model):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a vqlib.llm Model")
     return obj

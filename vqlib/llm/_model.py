@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqlib import _checks
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.llm._config import LlamaConfig
-from vqlib.llm._kv_cache import FloatKVCache, KVCache, attention, init_float_cache
+from vqlib.llm._kv_cache import KVCache, attention
 from vqlib.llm._weights import decode_rows, linear
 
 LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -136,6 +135,14 @@ def block_forward(blk: Block, config: LlamaConfig, h, cos, sin, positions, cache
     h = h + linear(ctx, blk.wo)
     h = h + linear(mlp_hidden(blk, rms_norm(h, blk.mlp_norm, config.norm_eps)), blk.w_down)
     return h, cache
+
+
+@jax.jit
+def block_outputs(blk: Block, config: LlamaConfig, h):
+    """The block applied to h (b, t, dim) as a whole sequence each (no cache)."""
+    positions = jnp.arange(h.shape[1], dtype=jnp.int32)
+    cos, sin = rope_tables(config, positions)
+    return block_forward(blk, config, h, cos, sin, positions)[0]
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
@@ -264,37 +271,3 @@ def tokenizer_bytes(tok) -> np.ndarray:
 def encode_text(model: Model, text: str) -> np.ndarray:
     """Token ids (n,) int32 of `text`, in one call, without special tokens (no BOS)."""
     return np.asarray(tokenizer(model).encode(text, add_special_tokens=False).ids, np.int32)
-
-
-def generate(model: Model, prompt, num_tokens: int, *, max_len: int | None = None, cache: KVCache | None = None):
-    """Greedy decoding: prefill the prompt (b, t0) int, then `num_tokens` one-token steps.
-
-    Args:
-        model: the Model.
-        prompt: (b, t0) int token ids.
-        num_tokens: tokens to generate.
-        max_len: capacity of the float cache (default t0 + num_tokens); ignored when `cache` is given.
-        cache: an empty cache to use instead (e.g. a compressed one).
-
-    Returns:
-        (b, num_tokens) int32 generated ids.
-    """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    _checks.check_rank(prompt, 2, "prompt", " (b, t0): a batch of token ids")
-    num_tokens = _checks.check_int(num_tokens, "num_tokens", low=1)
-    if cache is None:
-        cache = init_float_cache(model.config, prompt.shape[0], max_len or prompt.shape[1] + num_tokens)
-    capacity = cache.max_len if isinstance(cache, FloatKVCache) else None
-    if capacity is not None and prompt.shape[1] + num_tokens > capacity:
-        raise ValueError(
-            f"prompt of {prompt.shape[1]} tokens + {num_tokens} new ones exceed the cache's max_len={capacity}; "
-            "create the cache with a larger max_len"
-        )
-    logits, cache = forward(model.params, model.config, prompt, cache)
-    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-    out = [token]
-    for _ in range(num_tokens - 1):
-        logits, cache = forward(model.params, model.config, token, cache)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-        out.append(token)
-    return jnp.concatenate(out, axis=1)

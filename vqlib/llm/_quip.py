@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import vqlib
 from vqlib import _checks
-from vqlib.codebooks import E8Codebook, random_rotation, rotate
+from vqlib.codebooks import E8Codebook, decode, encode, random_rotation, rotate
 from vqlib.llm import _finetune
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, PackedRotation, coded_part
@@ -89,8 +88,8 @@ def _lattice_chunk(x, a, k, stages):
     del a, k
     q, codes = jnp.zeros_like(x), []
     for cb in stages:
-        c = vqlib.encode(cb, x - q)  # (out, 1)
-        q = q + vqlib.decode(cb, c)
+        c = encode(cb, x - q)  # (out, 1)
+        q = q + decode(cb, c)
         codes.append(c[:, 0])
     return q, jnp.stack(codes)  # (stages, out)
 
@@ -99,7 +98,7 @@ def _lattice_chunk(x, a, k, stages):
 def _row_scales(stages, codes, w, h):
     """Per-row gains r_i = <W_i H, v_i> / <v_i H, v_i> of the decoded rows v (least output error)."""
     out = w.shape[0]
-    v = sum(vqlib.decode(cb, c.reshape(-1, 1)).reshape(out, -1) for cb, c in zip(stages, codes, strict=True))
+    v = sum(decode(cb, c.reshape(-1, 1)).reshape(out, -1) for cb, c in zip(stages, codes, strict=True))
     vh = jnp.dot(v, h, precision=jax.lax.Precision.HIGHEST)
     gain = jnp.sum(jnp.dot(w, h, precision=jax.lax.Precision.HIGHEST) * v, -1) / jnp.maximum(jnp.sum(vh * v, -1), 1e-30)
     return jnp.where(jnp.isfinite(gain) & (gain > 0), gain, 1.0).astype(jnp.float32)

@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import vqlib
 from vqlib._types import pytree_dataclass, static_field
-from vqlib.codebooks import E8Codebook, Rotation, pack_codes, rotate, unpack_codes, unrotate
+from vqlib.codebooks import E8Codebook, Rotation, decode, pack_codes, rotate, unpack_codes, unrotate
 from vqlib.kernels import LUTWeight, lut_matmul
 
 PART_KINDS = ("affine", "scalar", "vq", "aq", "e8p", "e8")
@@ -47,10 +46,10 @@ def _lattice_codebook(kind: str) -> np.ndarray:
     with jax.ensure_compile_time_eval():  # constants, also when first needed while tracing
         if kind == "e8p":  # code (p << 8) | 1: pattern p, no negative signs, shift +1/4
             cb = E8Codebook(jnp.ones((), jnp.float32), None, 8, 2, "e8p")
-            points = vqlib.decode(cb, (np.arange(256, dtype=np.int32) << 8 | 1)[:, None])
+            points = decode(cb, (np.arange(256, dtype=np.int32) << 8 | 1)[:, None])
             return np.abs(np.asarray(points) - 0.25).astype(np.float32)
         cb = E8Codebook(jnp.ones((), jnp.float32), None, 8, 1, "e8")
-        return np.asarray(vqlib.decode(cb, np.arange(256, dtype=np.int32)[:, None]), np.float32)
+        return np.asarray(decode(cb, np.arange(256, dtype=np.int32)[:, None]), np.float32)
 
 
 @pytree_dataclass

@@ -36,6 +36,8 @@ def can_serve(index: Index) -> bool:
         return False
     if index.codebook is not None and not isinstance(index.codebook, ProductCodebook):
         return False
+    if index.codebook is not None and index.codebook.centroids.shape[-2] % 8:
+        return False  # faiss's SIMD table code asserts ksub % 8 == 0 (seen with 2 dimensions per subspace)
     # fast-scan: faiss rounds inner-product tables otherwise than vqlib (a third of the top-10 ids
     # differ on clustered data, measured), so only L2 fast-scan is handed over
     return not (index.fast_scan and index.metric != "l2")

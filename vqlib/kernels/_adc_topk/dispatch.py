@@ -17,6 +17,13 @@ BACKENDS = {
 }
 
 
+def prefer_pallas(tables, codes, k, bias) -> bool:
+    """Where "auto" uses the device's Pallas kernel. On a GPU for k <= 16 only: measured on an H200
+    (jax 0.11.2, 1M codes x 16 bytes, 1,000 queries) the gather kernel took 20.8 ms at k = 10 against
+    XLA's 33.3 ms, but 151 ms at k = 100 against XLA's 87 ms (its per-tile selection is k rounds)."""
+    return _dispatch.platform() != "gpu" or k <= 16
+
+
 def adc_topk(
     tables: Float[ArrayLike, "q m kc"],
     codes: Int[ArrayLike, "n m"],
@@ -63,4 +70,6 @@ def adc_topk(
         _checks.check_float_dtype(bias, "bias")
         if bias.shape != codes.shape[:1]:
             raise ValueError(f"bias must have shape ({codes.shape[0]},), one value per code row, got {bias.shape}")
-    return _dispatch.dispatch("adc_topk", impl, BACKENDS, (tables, codes, k, bias), interpret=interpret)
+    return _dispatch.dispatch(
+        "adc_topk", impl, BACKENDS, (tables, codes, k, bias), interpret=interpret, prefer_pallas=prefer_pallas
+    )

@@ -9,7 +9,8 @@ Only (codes, distances) are written. Centroid norms are computed once per call, 
 Triton needs power-of-two tile shapes: d is zero-padded to a power of two (>= 16; zero columns
 change no distance), k to a multiple of block_k with padding centroids that never win, and n to a
 multiple of block_n (the padded rows are dropped). The measured good tiles on an H100 (see
-GPU_NOTES) were 128-256 points x 64-128 centroids, 4-8 warps, 2-3 stages.
+GPU_NOTES) were 128-256 points x 64-128 centroids, 4-8 warps, 2-3 stages; on the H200 here see
+`default_blocks`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,16 @@ class BlockSizes:
     """Points per program, centroids per loop step, Triton warps and pipeline stages."""
 
     block_n: int = 128
-    block_k: int = 128
-    num_warps: int = 8
+    block_k: int = 64
+    num_warps: int = 4
     num_stages: int = 3
+
+
+def default_blocks(k: int) -> BlockSizes:
+    """Tiles measured fastest on an H200 (jax 0.11.2, fp16/bf16, n = 1M, d = 128; benchmarks/RESULTS.md):
+    k = 1,024: 64 x 64, 4 warps, 2 stages, 0.99 ms = 264 TFLOP/s (128 x 128 / 8 warps: 1.46 ms);
+    k = 8,192: 128 x 64, 4 warps, 3 stages, 5.7-5.8 ms = 364-370 TFLOP/s (64 x 64: 345-359)."""
+    return BlockSizes(block_n=64, block_k=64, num_warps=4, num_stages=2) if k <= 2048 else BlockSizes()
 
 
 def _assign_kernel(x_ref, c_ref, cn_ref, codes_ref, dists_ref, *, block_k: int, precision):
@@ -75,9 +83,11 @@ def _validate(x, centroids, block: BlockSizes):
 
 @functools.partial(jax.jit, static_argnames=("block", "interpret"))
 def assign(
-    x: jax.Array, centroids: jax.Array, *, block: BlockSizes = BlockSizes(), interpret: bool = False
+    x: jax.Array, centroids: jax.Array, *, block: BlockSizes | None = None, interpret: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """Same contract as `assign_reference`: (codes (n,) int32, squared distances (n,) float32)."""
+    """Same contract as `assign_reference`: (codes (n,) int32, squared distances (n,) float32);
+    `block` defaults to `default_blocks(k)`."""
+    block = default_blocks(centroids.shape[0]) if block is None else block
     dtype = _validate(x, centroids, block)
     n, d = x.shape
     k = centroids.shape[0]

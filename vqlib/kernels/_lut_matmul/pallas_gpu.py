@@ -53,7 +53,8 @@ def _decode_tiles(kind, codes, cb_ref, rows, cols, *, v, kc, groups, group):
     # e8p: absolute values by pattern, signs from bits 1-7, coordinate 0's sign from the parity
     a = [cb_ref[(codes[0] >> 8) * 8 + p].astype(jnp.float32) for p in range(8)]
     neg = [(codes[0] >> p) & 1 for p in range(8)]
-    twice = sum(jnp.round(2 * t).astype(jnp.int32) for t in a)
+    # 2a is a whole number (a >= 0, a multiple of 1/2); + 0.5 then truncation, since Triton lowers no `round`
+    twice = sum((2 * t + 0.5).astype(jnp.int32) for t in a)
     neg[0] = (twice // 2 - sum(neg[1:])) % 2
     shift = jnp.where((codes[0] & 1) == 1, 0.25, -0.25)
     return [(1 - 2 * neg[p]).astype(jnp.float32) * a[p] + shift for p in range(8)]
