@@ -1,10 +1,10 @@
-"""`python -m vqlib compress` / `ppl` (through vqlib.llm._cli.main, the same parser and runner)."""
+"""`python -m vqlib compress` / `ppl` (through vqlib.llm.cli.main, the same parser and runner)."""
 
 import llm_reference as reference
 import pytest
 
 import vqlib.llm
-from vqlib.llm import _cli
+from vqlib.llm import cli as llm_cli
 
 pytest.importorskip("transformers")
 
@@ -21,7 +21,7 @@ def hf_folder(tmp_path_factory):
 
 def _run(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        _cli.main(argv)
+        llm_cli.main(argv)
     err = capsys.readouterr().err
     return e.value.code, err
 
@@ -29,13 +29,13 @@ def _run(argv, capsys):
 def test_compress_then_ppl(hf_folder, tmp_path, capsys):
     out = tmp_path / "m.vq"
     argv = ["compress", str(hf_folder), "--method", "rtn", "--bits", "4", "--option", "group_size=16"]
-    _cli.main([*argv, "-o", str(out)])
+    llm_cli.main([*argv, "-o", str(out)])
     assert "bits per weight" in capsys.readouterr().out
     model = vqlib.llm.load(out)
     assert model.describe()["method"] == "rtn"
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    _cli.main(["ppl", str(out), "--text", str(text), "--ctx", "32", "--windows", "3"])
+    llm_cli.main(["ppl", str(out), "--text", str(text), "--ctx", "32", "--windows", "3"])
     assert capsys.readouterr().out.startswith("perplexity ")
 
 

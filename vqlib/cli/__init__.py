@@ -6,7 +6,7 @@
     vqlib decode cb.vq codes.npy -o x_hat.npy      rows back from their codes
     vqlib index build|search|info ...              ANN indexes (`vqlib.retrieval.cli`)
     vqlib bench NAME [--json]                      a benchmark of benchmarks/ at a small size
-    vqlib compress | ppl ...                       LLM weights, once `vqlib.llm.cli` exists (see below)
+    vqlib compress | ppl ...                       LLM weights: compress a model, WikiText-2 perplexity
 
 A user mistake (a missing or unreadable file, an option the method needs, a bad value) prints one
 line on stderr, `vqlib <command>: error: <what, and the fix>`, and exits with code 2, never a
@@ -43,19 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_llm_commands(sub) -> None:
-    """`compress` and `ppl` from vqlib.llm's public command module, when it exists. Today they live
-    in the private `vqlib.llm._cli`, which the import contracts keep other packages from importing,
-    so they appear here as soon as vqlib.llm publishes `vqlib.llm.cli` (add_parser(sub), run(args))."""
-    import importlib.util
-
-    if importlib.util.find_spec("vqlib.llm.cli") is None:
-        return
+    """`compress` and `ppl`, from vqlib.llm's command module."""
     from vqlib.llm import cli as llm_cli
 
     llm_cli.add_parser(sub)
     for name in ("compress", "ppl"):
-        if name in sub.choices:
-            sub.choices[name].set_defaults(run=llm_cli.run)
+        sub.choices[name].set_defaults(run=llm_cli.run)
 
 
 def main(argv: list[str] | None = None) -> None:

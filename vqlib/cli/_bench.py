@@ -23,7 +23,11 @@ BENCHMARKS = {
     "rate-distortion": ("rate_distortion.py", ["--quick", "--out", "{out}"], "MSE and IP error vs bits"),
     "ann": ("ann.py", ["--quick", "--n", "20000"], "IVF indexes vs faiss: recall@10, QPS"),
     "dkm": ("dkm_digits.py", ["--quick", "--out", "{out}"], "DKM palettisation of an MLP on digits"),
-    "kernels": ("gpu_kernels.py", ["--quick", "--impl", "xla"], "assign / lut_matmul / adc_topk (XLA smoke run)"),
+    "kernels": (
+        "gpu_kernels.py",
+        ["--quick", "--interpret", "--repeats", "1", "--sections", "ceilings,adc"],
+        "kernel ceilings and adc_topk at tiny sizes (a smoke run; the figures need a GPU)",
+    ),
 }
 
 

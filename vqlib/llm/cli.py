@@ -24,11 +24,11 @@ def add_parser(sub) -> None:
     c.add_argument("--calibration", default=None, help="calibration text file (default: WikiText-2 validation)")
     c.add_argument("--head-bits", type=int, default=None, help="bits for the embedding / output head")
     c.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="a method option, repeatable")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="PRNG seed of the fits (default 0)")
     p = sub.add_parser("ppl", help="WikiText-2 perplexity of a model or a compressed .vq file")
     p.add_argument("model", help="GGUF file, Hugging Face folder or .vq file")
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
-    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--text", default=None, help="text file (default: WikiText-2 raw test)")
 
 
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    """Stand-alone entry (`python -m vqlib.llm._cli compress ...`), the same commands as `python -m vqlib`."""
+    """Stand-alone entry (`python -m vqlib.llm.cli compress ...`), the same commands as `python -m vqlib`."""
     parser = argparse.ArgumentParser(prog="vqlib")
     add_parser(parser.add_subparsers(dest="command", required=True))
     run(parser.parse_args(argv))
