@@ -53,7 +53,7 @@ def test_thin_dots_never_give_a_code_out_of_range():
     min and the index reduction, rounded differently in each, and codes equal to k came out
     (14 of 300 random problems). Every code must be in range and a float64 nearest centroid."""
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(80):  # the bug hit 14 of 300 problems: 80 miss it with probability 0.02
         n, d, k = int(rng.integers(1, 200)), int(rng.integers(1, 20)), int(rng.integers(1, 64))
         scale = 10 ** rng.uniform(-3, 3)
         x = (rng.normal(size=(n, d)) * scale).astype(np.float32)

