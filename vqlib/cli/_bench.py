@@ -25,8 +25,8 @@ BENCHMARKS = {
     "dkm": ("dkm_digits.py", ["--quick", "--out", "{out}"], "DKM palettisation of an MLP on digits"),
     "kernels": (
         "gpu_kernels.py",
-        ["--quick", "--interpret", "--repeats", "1", "--sections", "ceilings,adc"],
-        "kernel ceilings and adc_topk at tiny sizes (a smoke run; the figures need a GPU)",
+        ["--quick", "--repeats", "1", "--sections", "ceilings"],
+        "the device's copy and matmul ceilings at tiny sizes (the kernel figures need a GPU: gpu_session.sh)",
     ),
 }
 

@@ -3,6 +3,8 @@ post-training weight compressors (RTN, GPTVQ, AQLM, QuIP#) whose weights run thr
 `vqlib.kernels.lut_matmul`, and compressed KV caches (`make_cache`: KIVI, KVQuant-style,
 TurboQuant, PQ) that `perplexity(..., kv_cache=)` and `generate(..., kv_cache=)` take."""
 
+from vqlib.llm._compress import bits_per_weight as bits_per_weight
+from vqlib.llm._compress import compress as compress
 from vqlib.llm._config import LlamaConfig as LlamaConfig
 from vqlib.llm._eval import read_text as read_text
 from vqlib.llm._eval_cache import perplexity as perplexity
