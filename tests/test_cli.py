@@ -351,7 +351,7 @@ def test_every_option_has_help(e2e):
     """`--help` of every command: no option without its help text."""
     outs = _ok(e2e[1], "help", 7)
     assert "demo" in outs[0] and "bench" in outs[0]
-    parser = __import__("vqlib.cli", fromlist=["build_parser"]).build_parser()
+    parser = __import__("vqlib.__main__", fromlist=["build_parser"]).build_parser()
     stack = [parser]
     while stack:
         p = stack.pop()

@@ -8,6 +8,7 @@ from vqlib import testing as testing
 from vqlib._io import load as load
 from vqlib._io import save as save
 from vqlib._types import Metric as Metric
+from vqlib._version import __version__ as __version__
 from vqlib.codebooks import DimWeighted as DimWeighted
 from vqlib.codebooks import Quantizer as Quantizer
 from vqlib.codebooks import ResidualChain as ResidualChain
@@ -23,5 +24,3 @@ from vqlib.codebooks import quantizer as quantizer
 from vqlib.codebooks import register as register
 from vqlib.codebooks import residual as residual
 from vqlib.kernels import assign as assign
-
-__version__ = "0.2.0"

@@ -1,10 +1,10 @@
-"""`python -m vqlib compress` / `ppl` (through vqlib.llm.cli.main, the same parser and runner)."""
+"""`python -m vqlib compress` / `ppl`, in-process through `vqlib.__main__.main`."""
 
 import llm_reference as reference
 import pytest
 
 import vqlib.llm
-from vqlib.llm import cli as llm_cli
+from vqlib.__main__ import main
 
 pytest.importorskip("transformers")
 
@@ -21,7 +21,7 @@ def hf_folder(tmp_path_factory):
 
 def _run(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        llm_cli.main(argv)
+        main(argv)
     err = capsys.readouterr().err
     return e.value.code, err
 
@@ -29,13 +29,13 @@ def _run(argv, capsys):
 def test_compress_then_ppl(hf_folder, tmp_path, capsys):
     out = tmp_path / "m.vq"
     argv = ["compress", str(hf_folder), "--method", "rtn", "--bits", "4", "--option", "group_size=16"]
-    llm_cli.main([*argv, "-o", str(out)])
+    main([*argv, "-o", str(out)])
     assert "bits per weight" in capsys.readouterr().out
     model = vqlib.llm.load(out)
     assert model.describe()["method"] == "rtn"
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    llm_cli.main(["ppl", str(out), "--text", str(text), "--ctx", "32", "--windows", "3"])
+    main(["ppl", str(out), "--text", str(text), "--ctx", "32", "--windows", "3"])
     assert capsys.readouterr().out.startswith("perplexity ")
 
 

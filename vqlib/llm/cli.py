@@ -1,17 +1,18 @@
 """`python -m vqlib compress MODEL --method aqlm --bits 2 -o model.vq` and `python -m vqlib ppl MODEL_OR_VQ`.
 
-MODEL is a GGUF file or a Hugging Face folder; a user mistake (missing file, unknown method,
-bits a method cannot do, bad option) prints one line on stderr and exits with status 2, before
-any long computation and without writing the output file.
+MODEL is a GGUF file or a Hugging Face folder. A user mistake (missing file, unknown method, bits
+a method cannot do, bad option) raises ValueError / TypeError before any long computation and
+without writing the output file; `vqlib.__main__` prints it as one line and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
+
+from vqlib._cli import check_output, parse_options
+from vqlib._io import save
 
 
 def add_parser(sub) -> None:
@@ -25,33 +26,13 @@ def add_parser(sub) -> None:
     c.add_argument("--head-bits", type=int, default=None, help="bits for the embedding / output head")
     c.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="a method option, repeatable")
     c.add_argument("--seed", type=int, default=0, help="PRNG seed of the fits (default 0)")
+    c.set_defaults(run=run)
     p = sub.add_parser("ppl", help="WikiText-2 perplexity of a model or a compressed .vq file")
     p.add_argument("model", help="GGUF file, Hugging Face folder or .vq file")
     p.add_argument("--windows", type=int, default=None, help="score only the first N windows")
     p.add_argument("--ctx", type=int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--text", default=None, help="text file (default: WikiText-2 raw test)")
-
-
-def _fail(message: str) -> None:
-    sys.stderr.write(f"vqlib: error: {message}\n")
-    raise SystemExit(2)
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _options(pairs) -> dict:
-    out = {}
-    for pair in pairs:
-        name, eq, value = pair.partition("=")
-        if not eq or not name:
-            _fail(f"--option takes NAME=VALUE, got {pair!r}")
-        out[name.replace("-", "_")] = _value(value)
-    return out
+    p.set_defaults(run=run)
 
 
 def _text(path, default) -> str:
@@ -59,12 +40,12 @@ def _text(path, default) -> str:
 
     if path is not None:
         if not os.path.isfile(path):
-            _fail(f"{path}: no such file")
+            raise ValueError(f"{path}: no such file")
         return read_text(path)
     try:
         return read_text(shared_file(default))
     except FileNotFoundError as e:
-        _fail(str(e))
+        raise ValueError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -75,37 +56,27 @@ def run(args: argparse.Namespace) -> None:
     from vqlib.llm._load import load
 
     if not os.path.exists(args.model):
-        _fail(f"{args.model}: no such file or folder")
+        raise ValueError(f"{args.model}: no such file or folder")
     if args.command == "compress":
         if args.method not in METHODS:
-            _fail(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
-        options = _options(args.option)
+            raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        options = parse_options(args.option)
         mod = method_module(args.method)
-        try:  # the method's own checks, before loading anything
-            mod.check_options(args.bits, dict(options))
-            if args.head_bits is not None:
-                mod.check_options(args.head_bits, dict(options))
-        except (ValueError, TypeError) as e:
-            _fail(str(e))
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            _fail(f"{args.output}: the folder does not exist")
+        mod.check_options(args.bits, dict(options))  # the method's own checks, before loading anything
+        if args.head_bits is not None:
+            mod.check_options(args.head_bits, dict(options))
+        check_output(args.output, "compressed model")
         calibration = _text(args.calibration, CALIBRATION) if mod.NEEDS_CALIBRATION else None
-        try:
-            model = load(args.model)
-            compressed = compress(
-                model,
-                args.method,
-                bits=args.bits,
-                calibration=calibration,
-                key=jax.random.key(args.seed),
-                head_bits=args.head_bits,
-                progress=True,
-                **options,
-            )
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            _fail(str(e))
-        from vqlib._io import save
-
+        compressed = compress(
+            load(args.model),
+            args.method,
+            bits=args.bits,
+            calibration=calibration,
+            key=jax.random.key(args.seed),
+            head_bits=args.head_bits,
+            progress=True,
+            **options,
+        )
         save(args.output, compressed)
         info = compressed.describe()
         print(
@@ -114,21 +85,7 @@ def run(args: argparse.Namespace) -> None:
         )
     else:
         text = _text(args.text, WIKITEXT2_TEST)
-        try:
-            model = load(args.model)
-            start = time.perf_counter()
-            ppl = perplexity(model, text, ctx=args.ctx, max_windows=args.windows, progress=True)
-        except (ValueError, TypeError) as e:
-            _fail(str(e))
+        model = load(args.model)
+        start = time.perf_counter()
+        ppl = perplexity(model, text, ctx=args.ctx, max_windows=args.windows, progress=True)
         print(f"perplexity {ppl:.4f} ({time.perf_counter() - start:.0f} s)")
-
-
-def main(argv=None) -> None:
-    """Stand-alone entry (`python -m vqlib.llm.cli compress ...`), the same commands as `python -m vqlib`."""
-    parser = argparse.ArgumentParser(prog="vqlib")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

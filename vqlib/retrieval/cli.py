@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import stat
 import time
 
 import numpy as np
 
 from vqlib import _io
+from vqlib._cli import check_output, print_json, read_npy
 from vqlib._types import METRICS
 from vqlib.retrieval._index import KINDS, Index, _check_ids, build, bytes_per_vector
 from vqlib.retrieval._search import search
 
-_NPY_MAGIC = b"\x93NUMPY"
 # methods whose fit needs m, and whether m must divide d (PQ subspaces) or counts stages (RVQ, AQ)
 _NEEDS_M = {"pq": True, "opq": True, "rvq": False, "aq": False}
 
@@ -76,27 +75,6 @@ def default_m(d: int, *, fast_scan: bool) -> int | None:
     return min(divisors, key=lambda m: (abs(m - target), m)) if divisors else None
 
 
-def read_npy(path: str, what: str, ndim: int | tuple[int, ...]) -> np.ndarray:
-    """A .npy array of rank `ndim` (or one of several), memory-mapped; ValueError (naming the path and the fix) for a
-    missing file, a non-.npy file, a pickled / object array or the wrong rank."""
-    if not os.path.exists(path):
-        raise ValueError(f"{what} file {path} does not exist")
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError(f"{what} file {path} is not a regular file; pass a .npy file written by numpy.save")
-    with open(path, "rb") as f:
-        magic = f.read(len(_NPY_MAGIC))
-    if magic != _NPY_MAGIC:
-        raise ValueError(f"{what} file {path} is not a .npy file; write the array with numpy.save(path, array)")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{what} file {path} is not a readable .npy file ({e}); write it with numpy.save") from None
-    if array.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
-        shape = " or ".join({1: "(n,)", 2: "(n, d)"}[r] for r in (ndim if isinstance(ndim, tuple) else (ndim,)))
-        raise ValueError(f"{what} file {path} holds an array of shape {array.shape}; {what} must be {shape}")
-    return array
-
-
 def _fit_options(args: argparse.Namespace, d: int) -> dict:
     """The codebook options from the command line, with the default m where the kind needs one."""
     options = {name: getattr(args, name) for name in ("m", "k", "bits") if getattr(args, name) is not None}
@@ -113,15 +91,6 @@ def _fit_options(args: argparse.Namespace, d: int) -> dict:
             raise ValueError(f"--type {args.type} needs an even --m dividing d={d}, and d is odd; use --type ivfpq")
         options["m"] = m
     return options
-
-
-def check_output(path: str, what: str) -> None:
-    """ValueError (one line, with the fix) when `path` cannot be written: no such folder, or a folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write the {what} to {path}: folder {folder} does not exist; create it first")
-    if os.path.isdir(path):
-        raise ValueError(f"cannot write the {what} to {path}: it is a folder; give a file name")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -149,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
         _io.save(args.output, index)
         seconds = time.perf_counter() - start
         if args.json:
-            _print_json(dict(_info(index), output=args.output, seconds=seconds))
+            print_json(dict(_info(index), output=args.output, seconds=seconds))
         else:
             print(f"built {_describe(index)} in {seconds:.1f} s -> {args.output}")
     elif args.index_command == "search":
@@ -166,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
             out = dict(queries=len(queries), k=args.k, seconds=seconds, output=args.output)
             if not args.output:
                 out.update(ids=np.asarray(ids).tolist(), scores=np.asarray(scores).tolist())
-            _print_json(out)
+            print_json(out)
         elif args.output:
             print(f"{len(queries)} queries in {seconds:.2f} s -> {args.output}")
         else:
@@ -175,15 +144,9 @@ def run(args: argparse.Namespace) -> None:
     else:
         index = _load_index(args.index)
         if args.json:
-            _print_json(_info(index))
+            print_json(_info(index))
         else:
             print(_describe(index))
-
-
-def _print_json(obj) -> None:
-    import json
-
-    print(json.dumps(obj, indent=1))
 
 
 def _info(index: Index) -> dict:

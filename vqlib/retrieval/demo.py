@@ -20,7 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from vqlib import codebooks
 from vqlib._progress import steps
+from vqlib._version import __version__
+from vqlib.retrieval._index import build, bytes_per_vector
+from vqlib.retrieval._search import search
 
 
 class Size(NamedTuple):
@@ -80,15 +84,13 @@ def kmeans_rows(x, size: Size, variance: float, seed: int, step) -> list[dict]:
     import faiss
     import jax
 
-    import vqlib
-
     step("k-means: k-means++ seeds (shared by both libraries)")
-    seeds = np.asarray(vqlib.fit(x, "kmeans", k=size.k, max_iter=0, key=jax.random.key(seed)).centroids)
+    seeds = np.asarray(codebooks.fit(x, "kmeans", k=size.k, max_iter=0, key=jax.random.key(seed)).centroids)
     rows, nbytes = [], int(np.ceil(np.log2(size.k) / 8))
     for label in ("vqlib (first call: compile + fit)", "vqlib (compiled)"):
         step(f"k-means: {label}")
-        cb, seconds = _timed(vqlib.fit, x, "kmeans", k=size.k, init=seeds, max_iter=size.iters, tol=0.0)
-        codes = vqlib.encode(cb, x)
+        cb, seconds = _timed(codebooks.fit, x, "kmeans", k=size.k, init=seeds, max_iter=size.iters, tol=0.0)
+        codes = codebooks.encode(cb, x)
         rows.append(
             dict(method=label, bytes=nbytes, seconds=seconds, relative_mse=_relative(x, cb.centroids[codes], variance))
         )
@@ -114,8 +116,6 @@ def codebook_rows(x, size: Size, variance: float, seed: int, step) -> list[dict]
     import faiss
     import jax
 
-    import vqlib
-
     d, m, rows = x.shape[1], size.m, []
     key = jax.random.key(seed)
     tq_bits = max(1, round(8 * m / d))  # TurboQuant at about m bytes (plus its norm)
@@ -137,10 +137,10 @@ def codebook_rows(x, size: Size, variance: float, seed: int, step) -> list[dict]
         step(f"codebooks: {label}")
         if len(spec) == 2:
             method, options = spec
-            cb, fit_s = _timed(vqlib.fit, x, method, key=key, **options)
-            codes, encode_s = _timed(vqlib.encode, cb, x)
-            x_hat = vqlib.decode(cb, codes)
-            nbytes = vqlib.code_layout(cb).bits_per_vector / 8
+            cb, fit_s = _timed(codebooks.fit, x, method, key=key, **options)
+            codes, encode_s = _timed(codebooks.encode, cb, x)
+            x_hat = codebooks.decode(cb, codes)
+            nbytes = codebooks.code_layout(cb).bits_per_vector / 8
         else:
             (q,) = spec
             start = time.perf_counter()
@@ -162,8 +162,6 @@ def index_rows(x, size: Size, seed: int, step, nprobe: int = 16) -> list[dict]:
     import faiss
     import jax
 
-    import vqlib
-
     queries, base = x[: size.queries], x[size.queries :]
     d, m = x.shape[1], size.m
     nlist = int(np.sqrt(len(base)))  # about sqrt(n) lists, 140 at the small size
@@ -176,14 +174,14 @@ def index_rows(x, size: Size, seed: int, step, nprobe: int = 16) -> list[dict]:
         return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(np.asarray(ids), truth, strict=True)]))
 
     step(f"index: vqlib IVF{nlist},PQ{m} build")
-    index, build_s = _timed(vqlib.retrieval.build, base, "ivfpq", nlist=nlist, m=m, key=jax.random.key(seed))
+    index, build_s = _timed(build, base, "ivfpq", nlist=nlist, m=m, key=jax.random.key(seed))
     step(f"index: vqlib IVF{nlist},PQ{m} search")
-    vqlib.retrieval.search(index, queries, k=10, nprobe=nprobe)  # the first call compiles: not timed
-    (_, ids), search_s = _timed(vqlib.retrieval.search, index, queries, k=10, nprobe=nprobe)
+    search(index, queries, k=10, nprobe=nprobe)  # the first call compiles: not timed
+    (_, ids), search_s = _timed(search, index, queries, k=10, nprobe=nprobe)
     rows = [
         dict(
             method=f"vqlib IVF{nlist},PQ{m}",
-            bytes=vqlib.retrieval.bytes_per_vector(index),
+            bytes=bytes_per_vector(index),
             build=build_s,
             qps=len(queries) / search_s,
             recall=recall(ids),
@@ -238,7 +236,6 @@ def _faiss_version() -> str:
 def run(args) -> None:
     import jax
 
-    import vqlib
     from vqlib.testing import clustered
 
     faiss_version = _faiss_version()
@@ -265,7 +262,7 @@ def run(args) -> None:
             bar.refresh()
 
     emit(
-        f"vqlib {vqlib.__version__} (jax {jax.__version__} on {jax.devices()[0].platform}) against faiss-cpu "
+        f"vqlib {__version__} (jax {jax.__version__} on {jax.devices()[0].platform}) against faiss-cpu "
         f"{faiss_version}; {size.n:,} x {size.d} generated vectors "
         f"(vqlib.testing.clustered: {4 * size.k} clusters on a 16-dim subspace, seed {args.seed})"
     )
@@ -273,7 +270,7 @@ def run(args) -> None:
     x = np.asarray(clustered(jax.random.key(args.seed), size.n, size.d, num_clusters=4 * size.k, intrinsic_dim=16))
     variance = float(np.mean(np.sum((x - x.mean(0)) ** 2, axis=1), dtype=np.float64))
     result = dict(
-        meta=dict(size=args.size, **size._asdict(), seed=args.seed, variance=variance, vqlib=vqlib.__version__),
+        meta=dict(size=args.size, **size._asdict(), seed=args.seed, variance=variance, vqlib=__version__),
     )
     emit(
         "Relative error = MSE / data variance (0 is exact, 1 is no better than the mean). "

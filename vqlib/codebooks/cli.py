@@ -8,13 +8,13 @@ vqlib decode pq.vq codes.npy -o x_hat.npy        # (n, d) float32 reconstruction
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 
-from vqlib.retrieval.cli import check_output, read_npy
+from vqlib import _io, codebooks, testing
+from vqlib._cli import check_output, parse_options, print_json, read_npy
 
 # options of vqlib.fit with their own flag; anything else goes through --option NAME=VALUE
 _FLAGS = {
@@ -31,8 +31,7 @@ _SAMPLE = 10_000  # rows on which `fit` reports the relative error
 
 
 def add_parsers(sub) -> None:
-    import vqlib
-
+    """Adds `fit`, `encode` and `decode` to an argparse sub-parser set."""
     f = sub.add_parser(
         "fit",
         help="fit a codebook (k-means, PQ, RVQ, AQ, E8P, TurboQuant, ...) to a .npy matrix and save it",
@@ -42,7 +41,7 @@ def add_parsers(sub) -> None:
     f.add_argument("data", help="(n, d) float .npy file (read memory-mapped)")
     f.add_argument("-o", "--output", required=True, help="codebook file to write (atomically; vqlib.load reads it)")
     f.add_argument(
-        "--method", default="kmeans", help=f"a vqlib.fit method: {', '.join(vqlib.methods())} (default kmeans)"
+        "--method", default="kmeans", help=f"a vqlib.fit method: {', '.join(codebooks.methods())} (default kmeans)"
     )
     for name, (kind, text) in _FLAGS.items():
         f.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=text)
@@ -75,51 +74,42 @@ def add_parsers(sub) -> None:
 
 
 def _options(args) -> dict:
-    options = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
-    for pair in args.option:
-        name, eq, value = pair.partition("=")
-        if not eq or not name:
-            raise ValueError(f"--option takes NAME=VALUE, got {pair!r}")
-        try:
-            options[name.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name.replace("-", "_")] = value
-    return options
+    flags = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
+    return flags | parse_options(args.option)
 
 
 def load_codebook(path: str):
     """A codebook saved by `vqlib fit` / vqlib.save; ValueError naming the path for anything else."""
-    import vqlib
-
     if not os.path.exists(path):
         raise ValueError(f"codebook file {path} does not exist; fit one with `vqlib fit DATA.npy -o {path}`")
-    obj = vqlib.load(path)
-    if not vqlib.codebooks.is_codebook(obj):
+    obj = _io.load(path)
+    if not codebooks.is_codebook(obj):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a codebook; pass a file written by `vqlib fit`")
     return obj
 
 
 def _summary(args, text: str, **fields) -> None:
-    print(json.dumps(fields, indent=1) if args.json else text)
+    if args.json:
+        print_json(fields)
+    else:
+        print(text)
 
 
 def run_fit(args) -> None:
     import jax
 
-    import vqlib
-
     check_output(args.output, "codebook")
     x = read_npy(args.data, "data", 2)
     options = _options(args)
     start = time.perf_counter()  # vqlib.fit checks the method and options before it reads x
-    cb = jax.block_until_ready(vqlib.fit(x, args.method, key=jax.random.key(args.seed), **options))
+    cb = jax.block_until_ready(codebooks.fit(x, args.method, key=jax.random.key(args.seed), **options))
     seconds = time.perf_counter() - start
-    vqlib.save(args.output, cb)
+    _io.save(args.output, cb)
     sample = np.asarray(x[:_SAMPLE])
     variance = float(np.mean(np.sum((sample - sample.mean(0)) ** 2, axis=1), dtype=np.float64))
-    err = vqlib.testing.mse(sample, vqlib.decode(cb, vqlib.encode(cb, sample)))
+    err = testing.mse(sample, codebooks.decode(cb, codebooks.encode(cb, sample)))
     relative = err / variance if variance > 0 else float("nan")
-    bits = vqlib.code_layout(cb).bits_per_vector
+    bits = codebooks.code_layout(cb).bits_per_vector
     _summary(
         args,
         f"fitted {args.method} ({type(cb).__name__}, {bits / 8:g} bytes per vector) on {x.shape[0]:,} x {x.shape[1]} "
@@ -138,13 +128,11 @@ def run_fit(args) -> None:
 
 
 def run_encode(args) -> None:
-    import vqlib
-
     check_output(args.output, "codes")
     cb = load_codebook(args.codebook)
     x = np.asarray(read_npy(args.data, "data", 2))
     start = time.perf_counter()
-    codes = np.asarray(vqlib.encode(cb, x), np.int32)
+    codes = np.asarray(codebooks.encode(cb, x), np.int32)
     seconds = time.perf_counter() - start
     np.save(args.output, codes)
     _summary(
@@ -158,8 +146,6 @@ def run_encode(args) -> None:
 
 
 def run_decode(args) -> None:
-    import vqlib
-
     check_output(args.output, "vectors")
     cb = load_codebook(args.codebook)
     codes = read_npy(args.codes, "codes", (1, 2))  # (n,) for k-means, (n, w) otherwise
@@ -167,7 +153,7 @@ def run_decode(args) -> None:
         raise ValueError(f"codes file {args.codes} holds {codes.dtype} values; codes are integers (`vqlib encode`)")
     codes = np.asarray(codes)
     start = time.perf_counter()
-    x_hat = np.asarray(vqlib.decode(cb, codes), np.float32)
+    x_hat = np.asarray(codebooks.decode(cb, codes), np.float32)
     seconds = time.perf_counter() - start
     np.save(args.output, x_hat)
     _summary(

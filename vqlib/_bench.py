@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
 
 def benchmarks_folder() -> pathlib.Path:
     """benchmarks/ of the source checkout this vqlib is installed from; ValueError if there is none."""
-    folder = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+    folder = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
     if not (folder / "kmeans_cpu.py").is_file():
         raise ValueError(
             f"`vqlib bench` runs the scripts in the repository's benchmarks/ folder, and {folder} is not there; "
