@@ -23,6 +23,7 @@ import time
 import jax
 from llm_weights import smollm2_path
 from machine import describe
+from rows import load_rows, markdown_table, save_rows
 
 import vqlib.llm
 from vqlib.llm._eval import WIKITEXT2_TEST, read_text, shared_file
@@ -64,17 +65,19 @@ def run_row(name: str, model, test_ids, windows: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r["ppl"] for r in rows if r["method"] == "float"), None)
-    lines = [
-        "| cache | bits / element (side data in) | bytes / token / layer | of fp16 | ppl | vs float | make s | ppl s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        rel = f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else "-"
-        lines.append(
-            f"| {r['row']} | {r['bits_per_element']:.2f} | {r['bytes_per_token']:.0f} | {r['float16_fraction']:.3f} "
-            f"| {r['ppl']:.3f} | {rel} | {r['make_seconds']:.0f} | {r['ppl_seconds']:.0f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(
+        rows,
+        [
+            ("cache", lambda r: r["row"]),
+            ("bits / element (side data in)", lambda r: f"{r['bits_per_element']:.2f}"),
+            ("bytes / token / layer", lambda r: f"{r['bytes_per_token']:.0f}"),
+            ("of fp16", lambda r: f"{r['float16_fraction']:.3f}"),
+            ("ppl", lambda r: f"{r['ppl']:.3f}"),
+            ("vs float", lambda r: f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else "-"),
+            ("make s", lambda r: f"{r['make_seconds']:.0f}"),
+            ("ppl s", lambda r: f"{r['ppl_seconds']:.0f}"),
+        ],
+    )
 
 
 def main() -> None:
@@ -83,9 +86,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="windows of 1,024 tokens scored (297 in all)")
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     store = RESULTS / "llm_kv.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
+    done = load_rows(store)
     print(f"CPU: {describe()}; jax {jax.__version__} on {jax.default_backend()}")
     model = vqlib.llm.load(smollm2_path())
     test_ids = vqlib.llm.encode_text(model, read_text(shared_file(WIKITEXT2_TEST)))
@@ -95,7 +97,7 @@ def main() -> None:
         if name in done and not args.redo and done[name].get("windows") == args.windows:
             continue
         done[name] = run_row(name, model, test_ids, args.windows)
-        store.write_text(json.dumps(done, indent=1))
+        save_rows(store, done)
     print(table([done[n] for n in ROWS if n in done]))
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from machine import cpu_model
+from rows import load_rows, markdown_table, save_rows
 
 import vqlib
 import vqlib.llm
@@ -159,18 +160,19 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| row | bits/weight (all) | bits/weight (block linears) | ppl (40 win.) | ppl (297) | compress s | .vq bytes |"
-        " decode tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        full = f"{r['ppl_297']:.3f}" if "ppl_297" in r else "-"
-        lines.append(
-            f"| {r['row']} | {r['bits_per_weight']:.3f} | {r['linear_bits']:.3f} | {r['ppl']:.3f} | {full} | "
-            f"{r['compress_seconds']:.0f} | {r['file_bytes']:,} | {r['decode_tokens_per_s']:.1f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(
+        rows,
+        [
+            ("row", lambda r: r["row"]),
+            ("bits/weight (all)", lambda r: f"{r['bits_per_weight']:.3f}"),
+            ("bits/weight (block linears)", lambda r: f"{r['linear_bits']:.3f}"),
+            ("ppl (40 win.)", lambda r: f"{r['ppl']:.3f}"),
+            ("ppl (297)", lambda r: f"{r['ppl_297']:.3f}" if "ppl_297" in r else "-"),
+            ("compress s", lambda r: f"{r['compress_seconds']:.0f}"),
+            (".vq bytes", lambda r: f"{r['file_bytes']:,}"),
+            ("decode tok/s", lambda r: f"{r['decode_tokens_per_s']:.1f}"),
+        ],
+    )
 
 
 def main() -> None:
@@ -180,9 +182,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also score all 297 windows")
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
     args = parser.parse_args()
-    RESULTS.mkdir(exist_ok=True)
     store = RESULTS / "llm_weights.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
+    done = load_rows(store)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.default_backend()}")
     base = vqlib.llm.load(smollm2_path())
     test_ids = vqlib.llm.encode_text(base, read_text(shared_file(WIKITEXT2_TEST)))
@@ -193,7 +194,7 @@ def main() -> None:
         if name in done and not args.redo and not (args.full and "ppl_297" not in done[name]):
             continue
         done[name] = run_row(name, base, test_ids, calibration, args.windows, args.full)
-        store.write_text(json.dumps(done, indent=1))
+        save_rows(store, done)
     rows = [done[n] for n in ROWS if n in done]
     plot(rows, RESULTS / "llm_ppl_vs_bits.png")
     print(table(rows))

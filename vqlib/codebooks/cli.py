@@ -131,18 +131,8 @@ def run_encode(args) -> None:
     check_output(args.output, "codes")
     cb = load_codebook(args.codebook)
     x = np.asarray(read_npy(args.data, "data", 2))
-    start = time.perf_counter()
-    codes = np.asarray(codebooks.encode(cb, x), np.int32)
-    seconds = time.perf_counter() - start
-    np.save(args.output, codes)
-    _summary(
-        args,
-        f"encoded {x.shape[0]:,} vectors into {codes.shape} int32 codes in {seconds:.1f} s -> {args.output}",
-        n=int(x.shape[0]),
-        shape=list(codes.shape),
-        seconds=seconds,
-        output=args.output,
-    )
+    encode = lambda v: codebooks.encode(cb, v)  # noqa: E731
+    _apply_and_save(args, encode, x, np.int32, "encoded {n:,} vectors into {shape} int32 codes")
 
 
 def run_decode(args) -> None:
@@ -151,16 +141,16 @@ def run_decode(args) -> None:
     codes = read_npy(args.codes, "codes", (1, 2))  # (n,) for k-means, (n, w) otherwise
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes file {args.codes} holds {codes.dtype} values; codes are integers (`vqlib encode`)")
-    codes = np.asarray(codes)
+    decode = lambda c: codebooks.decode(cb, c)  # noqa: E731
+    _apply_and_save(args, decode, np.asarray(codes), np.float32, "decoded {n:,} codes into {shape} float32 vectors")
+
+
+def _apply_and_save(args, fn, inputs: np.ndarray, dtype, text: str) -> None:
+    """`fn(inputs)` timed, saved to args.output as `dtype` and summarised (`text` formats n and shape)."""
     start = time.perf_counter()
-    x_hat = np.asarray(codebooks.decode(cb, codes), np.float32)
+    out = np.asarray(fn(inputs), dtype)
     seconds = time.perf_counter() - start
-    np.save(args.output, x_hat)
-    _summary(
-        args,
-        f"decoded {codes.shape[0]:,} vectors of d={x_hat.shape[1]} in {seconds:.1f} s -> {args.output}",
-        n=int(codes.shape[0]),
-        shape=list(x_hat.shape),
-        seconds=seconds,
-        output=args.output,
-    )
+    np.save(args.output, out)
+    n = int(inputs.shape[0])
+    line = text.format(n=n, shape=out.shape) + f" in {seconds:.1f} s -> {args.output}"
+    _summary(args, line, n=n, shape=list(out.shape), seconds=seconds, output=args.output)

@@ -42,7 +42,7 @@ from jax import lax
 from vqlib import _checks
 from vqlib.codebooks import encode
 from vqlib.llm import _finetune
-from vqlib.llm._common import fit_centroids
+from vqlib.llm._common import check_known, fit_centroids
 from vqlib.llm._gptq import prepare
 from vqlib.llm._weights import CompressedWeight, coded_part
 
@@ -62,9 +62,7 @@ OPTIONS = (
 
 def check_options(bits, options: dict) -> dict:
     bits = _checks.check_int(bits, "bits", low=1, high=16)
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)} for method 'aqlm'; it takes {list(OPTIONS)}")
+    check_known(options, OPTIONS, "aqlm")
     g = _checks.check_int(options.get("group_size", 8), "group_size", low=1, high=32)
     b = _checks.check_int(options.get("codebook_bits", 8), "codebook_bits", low=1, high=16)
     m = options.get("num_codebooks")

@@ -1,10 +1,18 @@
-"""Helpers shared by the compressors: the weighted k-means call (the one place its options are spelled)."""
+"""Helpers shared by the compressors: the check of their option names, and the weighted k-means call
+(the one place its options are spelled)."""
 
 from __future__ import annotations
 
 import jax
 
 from vqlib.codebooks import fit
+
+
+def check_known(options: dict, known: tuple[str, ...], method: str) -> None:
+    """TypeError naming the options a compressor does not take, and the ones it does."""
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)} for method {method!r}; it takes {list(known)}")
 
 
 def fit_centroids(key, points, weights, k: int, iters: int, per_centroid: int):

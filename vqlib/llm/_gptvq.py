@@ -32,7 +32,7 @@ from jax import lax
 
 from vqlib import _checks
 from vqlib.llm import _finetune
-from vqlib.llm._common import fit_centroids
+from vqlib.llm._common import check_known, fit_centroids
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, coded_part
 
@@ -57,9 +57,7 @@ OPTIONS = (
 
 def check_options(bits, options: dict) -> dict:
     bits = _checks.check_int(bits, "bits", low=1, high=8)
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)} for method 'gptvq'; it takes {list(OPTIONS)}")
+    check_known(options, OPTIONS, "gptvq")
     d = options.get("vector_dim", DEFAULT_DIM.get(bits, 1))
     if d not in VECTOR_DIMS:
         raise ValueError(f"vector_dim must be one of {VECTOR_DIMS}, got {d!r}")

@@ -75,20 +75,14 @@ class KVQuantKeyCodec(TileCodec):
 
     @property
     def bits(self) -> int:
-        return (self.levels[0].shape[-1] - 1).bit_length()
+        return _level_bits(self.levels)
 
     def init(self, batch, capacity, kvh, hd):
-        n = self.num_outliers
-        return dict(
-            codes=jnp.zeros((batch, capacity, kvh, -(-hd * self.bits // 8)), jnp.uint8),
-            out_value=jnp.zeros((batch, capacity, n), jnp.dtype(self.outlier_dtype)),
-            out_index=jnp.zeros((batch, capacity, n), _index_dtype(kvh * hd)),
-        )
+        codes = jnp.zeros((batch, capacity, kvh, -(-hd * self.bits // 8)), jnp.uint8)
+        return dict(codes=codes, **_outlier_store(self, batch, capacity, kvh * hd))
 
     def storage(self, kvh, hd):
-        n = self.num_outliers
-        index_bits = 8 * jnp.dtype(_index_dtype(kvh * hd)).itemsize
-        bits = kvh * hd * self.bits + n * (8 * jnp.dtype(self.outlier_dtype).itemsize + index_bits)
+        bits = kvh * hd * self.bits + _outlier_bits(self, kvh * hd)
         fixed = kvh * hd * (2**self.bits * 2 + 2 * 4)  # float16 levels, float32 thresholds
         return bits, float(fixed)
 
@@ -100,11 +94,8 @@ class KVQuantKeyCodec(TileCodec):
         _, idx = jax.lax.top_k(excess.reshape(b, t, kvh * hd), self.num_outliers)
         val = jnp.take_along_axis(x.reshape(b, t, kvh * hd), idx, axis=-1)
         codes = _nearest(self.levels[layer].astype(jnp.float32)[None, None], x)
-        return dict(
-            codes=write_positions(store["codes"], pack_codes(codes, self.bits), start),
-            out_value=write_positions(store["out_value"], val, start),
-            out_index=write_positions(store["out_index"], idx, start),
-        )
+        codes = write_positions(store["codes"], pack_codes(codes, self.bits), start)
+        return dict(codes=codes, **_write_outliers(store, idx, val, start))
 
     def dequant_pre_rope(self, layer, store, start, size):
         levels = self.levels[layer].astype(jnp.float32)
@@ -112,8 +103,7 @@ class KVQuantKeyCodec(TileCodec):
         codes = unpack_codes(slice_positions(store["codes"], start, size), self.bits, hd)
         table = jnp.broadcast_to(levels[None, None], (*codes.shape, levels.shape[-1]))
         x = jnp.take_along_axis(table, codes[..., None], -1)
-        idx = slice_positions(store["out_index"], start, size)
-        return _restore(x[..., 0], idx, slice_positions(store["out_value"], start, size))
+        return _read_outliers(x[..., 0], store, start, size)
 
     def dequant(self, layer, store, start, size):
         return rope(self.config, self.dequant_pre_rope(layer, store, start, size), start)
@@ -137,22 +127,18 @@ class KVQuantValueCodec(TileCodec):
 
     @property
     def bits(self) -> int:
-        return (self.levels[0].shape[-1] - 1).bit_length()
+        return _level_bits(self.levels)
 
     def init(self, batch, capacity, kvh, hd):
-        n = self.num_outliers
         return dict(
             codes=jnp.zeros((batch, capacity, kvh, -(-hd * self.bits // 8)), jnp.uint8),
             centre=jnp.zeros((batch, capacity, kvh), jnp.float16),
             scale=jnp.zeros((batch, capacity, kvh), jnp.float16),
-            out_value=jnp.zeros((batch, capacity, n), jnp.dtype(self.outlier_dtype)),
-            out_index=jnp.zeros((batch, capacity, n), _index_dtype(kvh * hd)),
+            **_outlier_store(self, batch, capacity, kvh * hd),
         )
 
     def storage(self, kvh, hd):
-        n = self.num_outliers
-        index_bits = 8 * jnp.dtype(_index_dtype(kvh * hd)).itemsize
-        bits = kvh * (hd * self.bits + 32) + n * (8 * jnp.dtype(self.outlier_dtype).itemsize + index_bits)
+        bits = kvh * (hd * self.bits + 32) + _outlier_bits(self, kvh * hd)
         return bits, float(2**self.bits * 2)
 
     def write(self, layer, store, x, start, recent):
@@ -165,8 +151,7 @@ class KVQuantValueCodec(TileCodec):
             codes=write_positions(store["codes"], pack_codes(codes, self.bits), start),
             centre=write_positions(store["centre"], centre16, start),
             scale=write_positions(store["scale"], scale16, start),
-            out_value=write_positions(store["out_value"], val, start),
-            out_index=write_positions(store["out_index"], idx, start),
+            **_write_outliers(store, idx, val, start),
         )
 
     def dequant(self, layer, store, start, size):
@@ -175,8 +160,39 @@ class KVQuantValueCodec(TileCodec):
         scale = slice_positions(store["scale"], start, size).astype(jnp.float32)
         codes = unpack_codes(slice_positions(store["codes"], start, size), self.bits, self.head_dim)
         x = jnp.take(levels, codes) * scale[..., None] + centre[..., None]
-        idx = slice_positions(store["out_index"], start, size)
-        return _restore(x, idx, slice_positions(store["out_value"], start, size))
+        return _read_outliers(x, store, start, size)
+
+
+def _level_bits(levels: tuple) -> int:
+    """Bits of a code that indexes 2**bits sorted levels."""
+    return (levels[0].shape[-1] - 1).bit_length()
+
+
+def _outlier_store(codec, batch: int, capacity: int, width: int) -> dict:
+    """Zeroed per-token outliers: `codec.num_outliers` values and their flat indices into `width` numbers."""
+    shape = (batch, capacity, codec.num_outliers)
+    return dict(
+        out_value=jnp.zeros(shape, jnp.dtype(codec.outlier_dtype)), out_index=jnp.zeros(shape, _index_dtype(width))
+    )
+
+
+def _outlier_bits(codec, width: int) -> int:
+    """Bits per token of the outliers: each value and its index into `width` numbers."""
+    index_bits = 8 * jnp.dtype(_index_dtype(width)).itemsize
+    return codec.num_outliers * (8 * jnp.dtype(codec.outlier_dtype).itemsize + index_bits)
+
+
+def _write_outliers(store: dict, idx, val, start) -> dict:
+    return dict(
+        out_value=write_positions(store["out_value"], val, start),
+        out_index=write_positions(store["out_index"], idx, start),
+    )
+
+
+def _read_outliers(x, store: dict, start, size):
+    """x with the stored outliers of positions [start, start + size) put back exactly."""
+    idx = slice_positions(store["out_index"], start, size)
+    return _restore(x, idx, slice_positions(store["out_value"], start, size))
 
 
 def _safe(scale):

@@ -36,6 +36,7 @@ import numpy as np
 from vqlib import _checks
 from vqlib.codebooks import E8Codebook, decode, encode, random_rotation, rotate
 from vqlib.llm import _finetune
+from vqlib.llm._common import check_known
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, PackedRotation, coded_part
 
@@ -53,9 +54,7 @@ def check_options(bits, options: dict) -> dict:
         raise ValueError(
             f"quip codes bits=2 (E8P), 3 (E8P + E81B residual) or 4 (E8P + E8P residual), got bits={bits!r}"
         )
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)} for method 'quip'; it takes {list(OPTIONS)}")
+    check_known(options, OPTIONS, "quip")
     scale = _checks.check_nonnegative_float(options.get("rms_scale", DEFAULT_RMS_SCALE[bits]), "rms_scale")
     if scale == 0:
         raise ValueError("rms_scale must be > 0 (QuIP#: 0.9 to 1.03)")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlib import _checks
+from vqlib.llm._common import check_known
 from vqlib.llm._weights import CompressedWeight, coded_part
 
 MAX_BITS = 8
@@ -24,9 +25,7 @@ MAX_BITS = 8
 def check_options(bits, options: dict) -> dict:
     """Resolved options of "rtn": group_size (default 128)."""
     bits = _checks.check_int(bits, "bits", low=1, high=MAX_BITS)
-    unknown = set(options) - {"group_size"}
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)} for method 'rtn'; it takes group_size")
+    check_known(options, ("group_size",), "rtn")
     group = _checks.check_int(options.get("group_size", 128), "group_size", low=1)
     return dict(bits=bits, group_size=group)
 
