@@ -236,7 +236,8 @@ def test_info_on_a_named_pipe_does_not_block(capsys, files):
 # ----------------------------------------------------------------------------- every command, end to end
 
 _E2E_CHAINS = {
-    # name: commands run one after the other in subprocesses (each chain in its own thread)
+    # name: commands run one after the other; "subprocess" chains as `python -m vqlib ...` (the real
+    # entry point, each chain in its own thread), the others in-process through `main` meanwhile
     "codebook": [
         ["fit", "{x.npy}", "--method", "pq", "--m", "2", "--k", "16", "-o", "{e2e}/pq.vq"],
         ["encode", "{e2e}/pq.vq", "{x.npy}", "-o", "{e2e}/codes.npy"],
@@ -250,33 +251,56 @@ _E2E_CHAINS = {
         ["index", "search", "{e2e}/ix.vq", "{q.npy}", "-k", "3", "--nprobe", "4", "--rerank", "20", "--json"],
         ["index", "info", "{e2e}/ix.vq", "--json"],
     ],
+    "command-help": [[c, "--help"] for c in ("demo", "fit", "encode", "decode", "index", "bench")],
+}
+_E2E_SUBPROCESS_CHAINS = {
     "demo": [["demo", "--n", "1500", "--json"]],
     "bench": [["bench", "kernels", "--json"]],
-    "help": [["--help"], *([c, "--help"] for c in ("demo", "fit", "encode", "decode", "index", "bench"))],
+    "help": [["--help"]],
 }
+
+
+def _in_process(argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `main(argv)`."""
+    import contextlib
+    import io
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code or 0
+    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def e2e(files):
-    """Every chain of _E2E_CHAINS, the chains side by side: {name: [(returncode, stdout, stderr), ...]}."""
+    """Every chain of _E2E_CHAINS and _E2E_SUBPROCESS_CHAINS: {name: [(returncode, stdout, stderr), ...]}."""
     from concurrent.futures import ThreadPoolExecutor
 
     folder = os.path.join(files["folder"], "e2e")
     os.makedirs(folder, exist_ok=True)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
-    def chain(commands):
+    def subprocess_run(argv):
+        done = subprocess.run(
+            [sys.executable, "-m", "vqlib", *argv], capture_output=True, text=True, env=env, timeout=600
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    def chain(commands, run):
         results = []
         for argv in commands:
-            argv = [sys.executable, "-m", "vqlib", *_args(argv, files, e2e=folder)]
-            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-            results.append((done.returncode, done.stdout, done.stderr))
-            if done.returncode:
+            results.append(run(_args(argv, files, e2e=folder)))
+            if results[-1][0]:
                 break
         return results
 
-    with ThreadPoolExecutor(len(_E2E_CHAINS)) as pool:
-        runs = dict(zip(_E2E_CHAINS, pool.map(chain, _E2E_CHAINS.values()), strict=True))
+    with ThreadPoolExecutor(len(_E2E_SUBPROCESS_CHAINS)) as pool:
+        started = {name: pool.submit(chain, c, subprocess_run) for name, c in _E2E_SUBPROCESS_CHAINS.items()}
+        runs = {name: chain(commands, _in_process) for name, commands in _E2E_CHAINS.items()}
+        runs |= {name: future.result() for name, future in started.items()}
     return folder, runs
 
 
@@ -349,8 +373,12 @@ def test_bench_end_to_end_json(e2e):
 
 def test_every_option_has_help(e2e):
     """`--help` of every command: no option without its help text."""
-    outs = _ok(e2e[1], "help", 7)
-    assert "demo" in outs[0] and "bench" in outs[0]
+    (top,) = _ok(e2e[1], "help", 1)
+    assert "demo" in top and "bench" in top and "compress" in top
+    for command, out in zip(
+        ("demo", "fit", "encode", "decode", "index", "bench"), _ok(e2e[1], "command-help", 6), strict=True
+    ):
+        assert out.startswith(f"usage: vqlib {command}"), out
     parser = __import__("vqlib.__main__", fromlist=["build_parser"]).build_parser()
     stack = [parser]
     while stack:

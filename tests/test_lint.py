@@ -25,3 +25,11 @@ def test_imports_flow_one_way_with_no_cycles():
         pytest.skip("import-linter is not installed (pip install -e '.[test]')")
     out = subprocess.run([linter, "--no-cache"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_heavy_first_schedule_names_existing_files():
+    """tests/conftest.py's HEAVY_FIRST (the files the workers start with) names files that exist."""
+    from conftest import HEAVY_FIRST
+
+    missing = [path for path in HEAVY_FIRST if not (ROOT / path).is_file()]
+    assert not missing, f"renamed or removed: {missing}; update HEAVY_FIRST in tests/conftest.py"

@@ -45,6 +45,21 @@ def _assert_same_results(scores, ids, ref_scores, ref_ids, *, rtol=1e-4, atol=1e
     np.testing.assert_array_equal(ids[clear], ref_ids[:, :k][clear])
 
 
+@pytest.fixture(scope="module")
+def built(data):
+    """`retrieval.build(x, kind, **options)` on the module's data, built once: both engines (impl) search
+    the same index, as the comparison wants, and the training is not paid twice."""
+    cache = {}
+
+    def get(kind: str, **options):
+        key = (kind, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = retrieval.build(data[0], kind, **options)
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture(params=["xla", "faiss"])
 def impl(request):
     """Each search test runs on both engines: XLA, and faiss-cpu (the CPU default where it applies)."""
@@ -75,10 +90,10 @@ def test_flat_equals_numpy_brute_force(data, metric, impl):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_ivfflat_all_lists_equals_flat_and_probed_lists_equal_restricted_brute_force(data, metric, impl):
+def test_ivfflat_all_lists_equals_flat_and_probed_lists_equal_restricted_brute_force(data, built, metric, impl):
     x, q = data
-    flat = _search(impl, retrieval.build(x, "flat", metric=metric), q, k=10)
-    index = retrieval.build(x, "ivfflat", metric=metric, nlist=24)
+    flat = _search(impl, built("flat", metric=metric), q, k=10)
+    index = built("ivfflat", metric=metric, nlist=24)
     everything = _search(impl, index, q, k=10, nprobe=24)
     _assert_same_results(*everything, *flat)
     # nprobe = 3: the exact top 10 among the vectors of the 3 lists whose centroids are nearest
@@ -105,9 +120,9 @@ def _adc_reference(index, x_hat_of, q, nprobe):
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("opq, nprobe", [(False, 4), (True, 4), (False, 16)])  # 16 = nlist: the full-scan path
-def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe, impl):
+def test_ivfpq_scores_are_distances_to_decoded_vectors(data, built, metric, opq, nprobe, impl):
     x, q = data
-    index = retrieval.build(x, "opq" if opq else "pq", metric=metric, nlist=16, m=8)
+    index = built("opq" if opq else "pq", metric=metric, nlist=16, m=8)
     # decode every stored row independently of the search code: centroid + PQ decode of the residual
     codes = vqlib.codebooks.unpack_codes(index.data, bits=8, m=8)
     lists = row_lists(index.offsets, index.data.shape[0])
@@ -120,10 +135,10 @@ def test_ivfpq_scores_are_distances_to_decoded_vectors(data, metric, opq, nprobe
         _assert_same_results(scores[i : i + 1], got[i : i + 1], ref_scores, row_ids[members][ref_rows], atol=2e-3)
 
 
-def test_ivfpq_with_reranking_reaches_recall_095(data, impl):
+def test_ivfpq_with_reranking_reaches_recall_095(data, built, impl):
     x, q = data
     truth = _brute(x, q, "l2", 10)[1]
-    index = retrieval.build(x, "ivfpq", nlist=32, m=8, keep_vectors=True)
+    index = built("ivfpq", nlist=32, m=8, keep_vectors=True)
     plain = _recall(_search(impl, index, q, k=10, nprobe=8)[1], truth)
     scores, ids = _search(impl, index, q, k=10, nprobe=8, rerank=100)
     reranked = _recall(ids, truth)
@@ -133,10 +148,10 @@ def test_ivfpq_with_reranking_reaches_recall_095(data, impl):
     np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-3)
 
 
-def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data, impl):
+def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data, built, impl):
     x, q = data
-    fast = retrieval.build(x, "pqfs", m=16)
-    exact = retrieval.build(x, "pq", m=16, k=16)  # same training: same codebook and codes
+    fast = built("pqfs", m=16)
+    exact = built("pq", m=16, k=16)  # same training: same codebook and codes
     np.testing.assert_array_equal(np.asarray(fast.data), np.asarray(exact.data))
     scores, ids = _search(impl, fast, q, k=10)
     codes = vqlib.codebooks.unpack_codes(fast.data, bits=4, m=16)
@@ -249,9 +264,9 @@ def test_add_delete_compact_save_load_keep_results(data, tmp_path):
     assert not np.isin(got, np.arange(3000, len(x))).any()
 
 
-def test_fewer_live_vectors_in_the_probed_lists_than_k_gives_minus_one(data, impl):
+def test_fewer_live_vectors_in_the_probed_lists_than_k_gives_minus_one(data, built, impl):
     x, q = data
-    index = retrieval.build(x, "ivfflat", nlist=64)
+    index = built("ivfflat", nlist=64)
     sizes = np.diff(np.asarray(index.offsets))
     smallest = int(np.argmin(np.where(sizes > 0, sizes, 10**9)))
     members = index.ids[(np.asarray(row_lists(index.offsets, index.data.shape[0])) == smallest) & (index.ids >= 0)]
