@@ -29,8 +29,9 @@ def read_npy(path: str, what: str, ndim: int | tuple[int, ...]) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{what} file {path} is not a readable .npy file ({e}); write it with numpy.save") from None
-    if array.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
-        shape = " or ".join({1: "(n,)", 2: "(n, d)"}[r] for r in (ndim if isinstance(ndim, tuple) else (ndim,)))
+    ranks = ndim if isinstance(ndim, tuple) else (ndim,)
+    if array.ndim not in ranks:
+        shape = " or ".join({1: "(n,)", 2: "(n, d)"}[r] for r in ranks)
         raise ValueError(f"{what} file {path} holds an array of shape {array.shape}; {what} must be {shape}")
     return array
 
@@ -44,18 +45,19 @@ def check_output(path: str, what: str) -> None:
         raise ValueError(f"cannot write the {what} to {path}: it is a folder; give a file name")
 
 
-def parse_options(pairs: list[str], flag: str = "--option") -> dict:
+def parse_options(pairs: list[str]) -> dict:
     """`NAME=VALUE` strings as keyword arguments: VALUE read as JSON when it parses (`tol=1e-4`,
     `init="k-means++"`), else kept as text; dashes in NAME become underscores."""
     options = {}
     for pair in pairs:
         name, eq, value = pair.partition("=")
         if not eq or not name:
-            raise ValueError(f"{flag} takes NAME=VALUE, got {pair!r}")
+            raise ValueError(f"--option takes NAME=VALUE, got {pair!r}")
         try:
-            options[name.replace("-", "_")] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            options[name.replace("-", "_")] = value
+            parsed = value
+        options[name.replace("-", "_")] = parsed
     return options
 
 

@@ -8,6 +8,7 @@ vqlib decode pq.vq codes.npy -o x_hat.npy        # (n, d) float32 reconstruction
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -131,8 +132,9 @@ def run_encode(args) -> None:
     check_output(args.output, "codes")
     cb = load_codebook(args.codebook)
     x = np.asarray(read_npy(args.data, "data", 2))
-    encode = lambda v: codebooks.encode(cb, v)  # noqa: E731
-    _apply_and_save(args, encode, x, np.int32, "encoded {n:,} vectors into {shape} int32 codes")
+    _apply_and_save(
+        args, functools.partial(codebooks.encode, cb), x, np.int32, "encoded {n:,} vectors into {shape} int32 codes"
+    )
 
 
 def run_decode(args) -> None:
@@ -141,8 +143,13 @@ def run_decode(args) -> None:
     codes = read_npy(args.codes, "codes", (1, 2))  # (n,) for k-means, (n, w) otherwise
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes file {args.codes} holds {codes.dtype} values; codes are integers (`vqlib encode`)")
-    decode = lambda c: codebooks.decode(cb, c)  # noqa: E731
-    _apply_and_save(args, decode, np.asarray(codes), np.float32, "decoded {n:,} codes into {shape} float32 vectors")
+    _apply_and_save(
+        args,
+        functools.partial(codebooks.decode, cb),
+        np.asarray(codes),
+        np.float32,
+        "decoded {n:,} codes into {shape} float32 vectors",
+    )
 
 
 def _apply_and_save(args, fn, inputs: np.ndarray, dtype, text: str) -> None:

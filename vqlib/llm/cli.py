@@ -42,10 +42,7 @@ def _text(path, default) -> str:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file")
         return read_text(path)
-    try:
-        return read_text(shared_file(default))
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
+    return read_text(shared_file(default))  # FileNotFoundError: `vqlib.__main__` prints it as one line
 
 
 def run(args: argparse.Namespace) -> None:
