@@ -39,14 +39,19 @@ from vqlib.llm._model import forward
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CTX = 1024
 # row -> (method, bits per element, options)
+BEST_TQ = dict(pre_rope=True, center=True, rescale=True)  # keys before RoPE, centred, least-squares scales
 ROWS = {
     "float": ("float", None, {}),
     "kivi-4 (window 128)": ("kivi", 4, {}),
     "kivi-2 (window 128)": ("kivi", 2, {}),
+    "kivi-2 (window 128, 1 sink)": ("kivi", 2, dict(sink=1)),
     "turboquant-3.5": ("turboquant", 3.5, {}),
-    "turboquant-2.5": ("turboquant", 2.5, {}),
+    "turboquant-3.5 (pre-RoPE, centred, rescaled)": ("turboquant", 3.5, BEST_TQ),
+    "turboquant-3.5 (pre-RoPE, centred, rescaled, 1 sink)": ("turboquant", 3.5, dict(BEST_TQ, sink=1)),
+    "turboquant-2.5 (pre-RoPE, centred, rescaled, 1 sink)": ("turboquant", 2.5, dict(BEST_TQ, sink=1)),
     "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
     "pq-4": ("pq", 4, {}),
+    "pq-2": ("pq", 2, {}),
 }
 
 

@@ -52,6 +52,7 @@ CASES = {
     "kvquant4_nosink": ("kvquant", 4, dict(sink=0)),
     "turboquant3": ("turboquant", 3, {}),
     "turboquant3_sink": ("turboquant", 3, dict(sink=2, window_dtype="float32")),
+    "turboquant3.5_rescale": ("turboquant", 3.5, dict(outliers=4, pre_rope=True, center=True, rescale=True)),
     "turboquant3.5": ("turboquant", 3.5, dict(outliers=4)),
     "turboquant2.5_prerope": ("turboquant", 2.5, dict(outliers=4, pre_rope=True, center=True)),
     "turboquant_prod": ("turboquant", 3, dict(prod=True, window=16, window_dtype="float32")),
@@ -193,6 +194,23 @@ def test_turboquant_round_trip_error_is_the_lloyd_max_distortion(model, bits, ke
     rel = np.concatenate([np.sum((np.asarray(a - x)) ** 2, -1) / np.sum(np.asarray(x) ** 2, -1) for a in (kd, vd)])
     want = lloyd_max_codebook(CFG.head_dim, bits)[1]
     assert abs(rel.mean() - want) < 4 * rel.std() / np.sqrt(rel.size), (rel.mean(), want)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_turboquant_rescale_keeps_the_codes_and_lowers_every_vectors_error(model, bits, key):
+    """rescale stores argmin_s ||y - s c|| instead of ||y||: the same codes, each vector's error
+    at most the norm's (float16 rounding aside), and the mean error lower (hd = 16, measured:
+    0.94 / 0.90 / 0.87 of the norm's at 2 / 3 / 4 bits)."""
+    x = jax.random.normal(key, (1, 1000, CFG.num_kv_heads, CFG.head_dim))
+    errs, codes = [], []
+    for rescale in (False, True):
+        cache = make_cache(model, "turboquant", bits=bits, max_len=1000, tile=1000, rescale=rescale)
+        cache = cache.attend(0, jnp.zeros((1, 1000, 4, 16)), x, x)[1].advance(1000)
+        errs.append(np.sum(np.asarray(cache.dequantized(0, 0, 1000)[0] - x, np.float64) ** 2, -1))
+        codes.append(np.asarray(cache.keys[0]["reg"]))
+    np.testing.assert_array_equal(codes[0], codes[1])
+    assert np.all(errs[1] <= errs[0] * (1 + 1e-3) + 1e-6)
+    assert errs[1].mean() < 0.95 * errs[0].mean(), (errs[1].mean(), errs[0].mean())
 
 
 def test_turboquant_outlier_channels_get_the_extra_bit(model, key):

@@ -149,7 +149,8 @@ def make_cache(
             turboquant: outliers (key channels at one more bit; 16 for 2.5 and 3.5 at hd=64,
                 hd/4 in general, else 0), key_bits / value_bits (override the preset),
                 value_outliers (0), pre_rope (False), center (False), prod (False: keys as
-                TurboQuant-prod), window (0), num_sequences, seq_len;
+                TurboQuant-prod), rescale (False: store least-squares scales, not norms; values
+                only with prod), window (0), num_sequences, seq_len;
             pq: m (sub-spaces per head, hd/2), k (centroids, 2**(bits hd / m)), pair_rope (True:
                 keys' RoPE planes share a sub-space), tables (True), window (0), max_iter (25),
                 num_sequences (16), seq_len (512).
@@ -249,6 +250,7 @@ def _turboquant(model, bits, calibration, key, options, common):
     pre_rope = bool(options.pop("pre_rope", False))
     center = bool(options.pop("center", False))
     prod = bool(options.pop("prod", False))
+    rescale = bool(options.pop("rescale", False))
     if prod and key_bits < 2:
         raise ValueError("prod spends one bit on the residual sketch: pass key_bits >= 2")
     window, settings = _pop_window(options, 0)
@@ -261,12 +263,15 @@ def _turboquant(model, bits, calibration, key, options, common):
         ks = cal.keys_before_rope() if pre_rope else cal.keys
         vs = cal.values
     kc = fit_turboquant_codec(
-        k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod
+        k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
+        rescale=rescale and not prod,
+    )  # fmt: skip
+    vc = fit_turboquant_codec(
+        v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale
     )
-    vc = fit_turboquant_codec(v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center)
     desc = (("bits", bits), ("key_bits", key_bits), ("value_bits", value_bits), ("outliers", kc.outliers))
     desc += (("pre_rope", pre_rope), ("center", center), ("prod", prod), ("window", window))
-    desc += (("sink", common["sink"]),)
+    desc += (("rescale", rescale), ("sink", common["sink"]))
     return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
 
