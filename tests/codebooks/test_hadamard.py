@@ -24,7 +24,7 @@ def dense_matrix(rot: Rotation) -> np.ndarray:
     return np.kron(factor, sylvester(len(signs) // len(factor))) * signs[None, :]
 
 
-@pytest.mark.parametrize("d", [1, 2, 8, 256])
+@pytest.mark.parametrize("d", [1, 2, 8, 256, 512, 8192])  # one, two and three Kronecker factors
 def test_fwht_is_the_sylvester_matrix_and_its_own_inverse(d, key):
     x = jax.random.normal(key, (5, d))
     np.testing.assert_allclose(fwht(x), np.asarray(x, np.float64) @ sylvester(d).T, atol=1e-5)
