@@ -52,6 +52,7 @@ from vqlib.codebooks._qjl import (
     unit_rows,
 )
 from vqlib.codebooks._side import FLOAT_DTYPES, columns_to_floats, floats_to_columns, side_columns
+from vqlib.kernels import nearest_level
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -164,8 +165,7 @@ def _dim(cb: TurboQuantCodebook) -> int:
 
 def _quantize(cb: TurboQuantCodebook, u):
     """Unit vectors (n, d) -> (n, d) level indices of the rotated coordinates."""
-    c = cb.centroids
-    return jnp.searchsorted((c[1:] + c[:-1]) / 2, rotate(cb.rotation, u)).astype(jnp.int32)
+    return nearest_level(rotate(cb.rotation, u), cb.centroids)
 
 
 def _dequantize(cb: TurboQuantCodebook, idx):

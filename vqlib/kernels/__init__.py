@@ -24,6 +24,7 @@ from vqlib.kernels._lut_matmul.weight import LUT_KINDS as LUT_KINDS
 from vqlib.kernels._lut_matmul.weight import LUTWeight as LUTWeight
 from vqlib.kernels._lut_matmul.weight import dequantize as dequantize
 from vqlib.kernels._lut_matmul.weight import lut_weight as lut_weight
+from vqlib.kernels._nearest_level import nearest_level as nearest_level
 
 BACKENDS = {"assign": _ASSIGN_BACKENDS, "adc_topk": _ADC_TOPK_BACKENDS, "lut_matmul": _LUT_MATMUL_BACKENDS}
 

@@ -39,6 +39,7 @@ from jax import lax
 
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import fit_turboquant, fit_turboquant_prod, pack_codes, rotate, unpack_codes
+from vqlib.kernels import nearest_level
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
 from vqlib.llm._kv_rope import rope, unrope
@@ -130,7 +131,7 @@ class TurboQuantKVCodec(TileCodec):
         for part, levels, name, bits in parts:
             norm = jnp.linalg.norm(part, axis=-1, keepdims=True)
             unit = part / jnp.where(norm > 0, norm, 1.0)
-            idx = jnp.searchsorted((levels[1:] + levels[:-1]) / 2, unit).astype(jnp.int32)
+            idx = nearest_level(unit, levels)
             if bits:  # bits 0 (prod at 1 bit): no levels stored
                 new[name] = write_positions(store[name], pack_codes(idx, bits), start)
             c = jnp.take(levels, idx)
