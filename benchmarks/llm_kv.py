@@ -44,11 +44,11 @@ ROWS = {
     "float": ("float", None, {}),
     "kivi-4 (window 128)": ("kivi", 4, {}),
     "kivi-2 (window 128)": ("kivi", 2, {}),
-    "kivi-2 (window 128, 1 sink)": ("kivi", 2, dict(sink=1)),
+    "kivi-2 (window 128 + 1 sink)": ("kivi", 2, dict(sink=1)),
     "turboquant-3.5": ("turboquant", 3.5, {}),
-    "turboquant-3.5 (pre-RoPE, centred, rescaled)": ("turboquant", 3.5, BEST_TQ),
-    "turboquant-3.5 (pre-RoPE, centred, rescaled, 1 sink)": ("turboquant", 3.5, dict(BEST_TQ, sink=1)),
-    "turboquant-2.5 (pre-RoPE, centred, rescaled, 1 sink)": ("turboquant", 2.5, dict(BEST_TQ, sink=1)),
+    "turboquant-3.5 (pre-RoPE centred rescaled)": ("turboquant", 3.5, BEST_TQ),
+    "turboquant-3.5 (pre-RoPE centred rescaled + 1 sink)": ("turboquant", 3.5, dict(BEST_TQ, sink=1)),
+    "turboquant-2.5 (pre-RoPE centred rescaled + 1 sink)": ("turboquant", 2.5, dict(BEST_TQ, sink=1)),
     "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
     "pq-4": ("pq", 4, {}),
     "pq-2": ("pq", 2, {}),
@@ -121,7 +121,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (no name has a comma)")
     parser.add_argument("--windows", type=int, default=8, help="windows of 1,024 tokens scored (297 in all)")
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
     parser.add_argument("--decode", default="", help="contexts to time decode steps at, e.g. 1024,8192")

@@ -144,9 +144,16 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     float_ppl = next((r["ppl"] for r in rows if r["row"] == "float"), None)
     for method, marker in (("rtn", "s"), ("gptvq", "o"), ("aqlm", "^"), ("quip", "D")):
-        pts = sorted((r["bits_per_weight"], r["ppl"]) for r in rows if r.get("method") == method)
+        # RTN rows keep the embedding as loaded (the issue's baselines): placed at their block
+        # linears' bits, and labelled so
+        bits = "linear_bits" if method == "rtn" else "bits_per_weight"
+        pts = sorted((r[bits], r["ppl"]) for r in rows if r.get("method") == method and "-ft" not in r["row"])
+        label = "rtn (block linears' bits; embedding as loaded)" if method == "rtn" else method
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
+    for r in rows:
+        if "-ft" in r["row"]:
+            ax.plot(r["bits_per_weight"], r["ppl"], marker="*", ms=12, ls="", label=f"{r['row']} (fine-tuned)")
     if float_ppl:
         ax.axhline(float_ppl, color="k", ls="--", lw=1, label=f"float (Q4_1) {float_ppl:.2f}")
     ax.set_yscale("log")
