@@ -32,6 +32,11 @@ from vqlib.codebooks import ProductCodebook, adc_tables, fit, pack_codes, unpack
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
 
 _HIGHEST = lax.Precision.HIGHEST
+# Tables are gathered per query row, sub-space and key: (m, g t, tile) numbers per head, against
+# (tile, hd) decoded plus a (g t, tile, hd) product. They pay for decode steps (g t = a few rows);
+# a prefill chunk or a perplexity window (g t in the thousands) decodes its key tiles instead
+# (tables there: 0.6 GB per tile and layer on SmolLM2, and the process ran out of memory).
+TABLE_ROWS = 16
 
 
 def rope_pair_order(hd: int) -> tuple[int, ...]:
@@ -47,7 +52,8 @@ class PQKVCodec(TileCodec):
     Attributes:
         centroids: per layer, (kvh, m, k, dsub) float16.
         order: channel order (a permutation of range(hd)) applied before cutting sub-spaces.
-        tables: score keys by lookup tables (True) or by decoding the tile (False); equal up to rounding.
+        tables: score keys by lookup tables in decode steps (at most TABLE_ROWS query rows per
+            head; True) or always by decoding the tile (False); equal up to rounding.
     """
 
     centroids: tuple
@@ -100,9 +106,9 @@ class PQKVCodec(TileCodec):
         return self._unpermute(self._decode_permuted(layer, self._codes(store, start, size)))
 
     def prepare(self, layer, q):
-        if not self.tables:
-            return q
         b, kvh, g, t, hd = q.shape
+        if not self.tables or g * t > TABLE_ROWS:
+            return q
         qh = self._permute(q).transpose(1, 0, 2, 3, 4).reshape(kvh, b * g * t, hd)
         c = self.centroids[layer].astype(jnp.float32)
         tables = jax.vmap(lambda ch, qq: adc_tables(ProductCodebook(ch), qq, metric="ip"))(c, qh)
@@ -110,7 +116,7 @@ class PQKVCodec(TileCodec):
         return tables.reshape(kvh, b, g * t, m, k).transpose(1, 0, 3, 2, 4), (g, t)  # (b, kvh, m, gt, k)
 
     def scores(self, layer, store, qstate, start, size):
-        if not self.tables:
+        if not isinstance(qstate, tuple):  # decoded (see prepare)
             return TileCodec.scores(self, layer, store, qstate, start, size)
         tables, (g, t) = qstate
         codes = self._codes(store, start, size).transpose(0, 2, 3, 1)[:, :, :, None, :]  # (b, kvh, m, 1, size)
