@@ -404,3 +404,16 @@ def test_cache_for_another_model_raises(model, key):
     with pytest.raises(ValueError, match="already holds 3 tokens"):
         full = forward(model.params, CFG, jnp.zeros((1, 3), jnp.int32), _make(model, "kivi4"))[1]
         generate(model, [1, 2, 3], 2, kv_cache=full)
+
+
+def test_pq_tables_do_not_blow_up_a_long_chunk(model, key):
+    """Scoring by tables gathers (m, g t, tile) numbers per head: for a prefill chunk of many
+    queries the cache decodes key tiles instead, so a chunk's compiled temporaries equal the
+    decoded path's, not m times them (the pq-4 benchmark row ran out of memory that way)."""
+    q, k, v = _inputs(key, 64)
+    temps = []
+    for tables in (True, False):
+        cache = make_cache(model, "pq", bits=2, max_len=64, tile=64, tables=tables, calibration=_calibration())
+        compiled = _attend_step.lower(cache, q, k, v, 0).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    assert temps[0] <= 1.2 * temps[1], temps
