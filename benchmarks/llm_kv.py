@@ -33,7 +33,7 @@ from rows import load_rows, markdown_table, save_rows
 
 import vqlib.llm
 from vqlib.llm._eval import WIKITEXT2_TEST, read_text, shared_file
-from vqlib.llm._generate import _next_token, prefill_chunks
+from vqlib.llm._generate import next_token, prefill_chunks
 from vqlib.llm._kv_make import empty_like
 from vqlib.llm._model import forward
 
@@ -58,18 +58,18 @@ ROWS = {
 
 def decode_ms_per_token(model, cache, test_ids, context: int, steps: int = 16) -> float:
     """Milliseconds per greedy decode step with `context` tokens already in an empty copy of `cache`."""
-    cache = empty_like(cache, max_len=context + steps + 1)
+    cache = jax.tree.map(jnp.copy, empty_like(cache, max_len=context + steps + 1))  # next_token donates it
     ids = jnp.asarray(test_ids[:context], jnp.int32)[None]
     done = 0
     for size in prefill_chunks(context - 1):
         _, cache = forward(model.params, model.config, ids[:, done : done + size], cache)
         done += size
     key, temp = jax.random.key(0), jnp.float32(1.0)
-    token, cache = _next_token(model.params, model.config, ids[:, done:], cache, key, temp, greedy=True)
+    token, cache = next_token(model.params, model.config, ids[:, done:], cache, key, temp, greedy=True)
     jax.block_until_ready(token)  # compiled and warm
     start = time.perf_counter()
     for _ in range(steps):
-        token, cache = _next_token(model.params, model.config, token, cache, key, temp, greedy=True)
+        token, cache = next_token(model.params, model.config, token, cache, key, temp, greedy=True)
     jax.block_until_ready(token)
     return 1000 * (time.perf_counter() - start) / steps
 
