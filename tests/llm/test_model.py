@@ -89,7 +89,6 @@ def test_generate_greedy_and_capacity():
         generate(model, prompt, 10, kv_cache=init_float_cache(model.config, 1, 8))
 
 
-
 @pytest.mark.parametrize("prompt", [[9], [5, 17, 42]])
 def test_generate_leaves_the_callers_cache_usable(prompt):
     """Decode steps donate the cache (updated in place); generate works on its own copy, so the
@@ -100,6 +99,7 @@ def test_generate_leaves_the_callers_cache_usable(prompt):
     first = generate(model, np.array([prompt]), 3, kv_cache=cache)
     assert int(cache.length) == 0 and not cache.keys[0].is_deleted()
     np.testing.assert_array_equal(generate(model, np.array([prompt]), 3, kv_cache=cache), first)
+
 
 def test_token_nll_vmaps_over_a_batch_axis():
     _, model = tiny_model(8)
