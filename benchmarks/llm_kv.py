@@ -50,6 +50,17 @@ ROWS = {
     "turboquant-3.5 (pre-RoPE centred rescaled)": ("turboquant", 3.5, BEST_TQ),
     "turboquant-3.5 (pre-RoPE centred rescaled + 1 sink)": ("turboquant", 3.5, dict(BEST_TQ, sink=1)),
     "turboquant-2.5 (pre-RoPE centred rescaled + 1 sink)": ("turboquant", 2.5, dict(BEST_TQ, sink=1)),
+    "turboquant-3.5 (pre-RoPE centred rescaled channel-scaled)": ("turboquant", 3.5, dict(BEST_TQ, channel_scale=True)),
+    "turboquant-3.5 (pre-RoPE centred rescaled channel-scaled + 1 sink)": (
+        "turboquant",
+        3.5,
+        dict(BEST_TQ, channel_scale=True, sink=1),
+    ),
+    "turboquant-2.5 (pre-RoPE centred rescaled channel-scaled + 1 sink)": (
+        "turboquant",
+        2.5,
+        dict(BEST_TQ, channel_scale=True, sink=1),
+    ),
     "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
     "pq-4": ("pq", 4, {}),
     "pq-2": ("pq", 2, {}),

@@ -150,7 +150,9 @@ def make_cache(
                 hd/4 in general, else 0), key_bits / value_bits (override the preset),
                 value_outliers (0), pre_rope (False), center (False), prod (False: keys as
                 TurboQuant-prod), rescale (False: store least-squares scales, not norms; values
-                only with prod), window (0), num_sequences, seq_len;
+                only with prod), channel_scale (False: per-channel scales before the rotation
+                from the loss's gradients, s = (F / K)^(1/4); needs pre_rope), window (0),
+                num_sequences, seq_len;
             pq: m (sub-spaces per head, hd/2), k (centroids, 2**(bits hd / m)), pair_rope (True:
                 keys' RoPE planes share a sub-space), tables (True), window (0), max_iter (25),
                 num_sequences (16), seq_len (512).
@@ -251,27 +253,33 @@ def _turboquant(model, bits, calibration, key, options, common):
     center = bool(options.pop("center", False))
     prod = bool(options.pop("prod", False))
     rescale = bool(options.pop("rescale", False))
+    channel_scale = bool(options.pop("channel_scale", False))
+    if channel_scale and not pre_rope:
+        raise ValueError(
+            "channel_scale fits key scales on the loss's gradients of the keys before RoPE: pass pre_rope=True with it"
+        )
     if prod and key_bits < 2:
         raise ValueError("prod spends one bit on the residual sketch: pass key_bits >= 2")
     window, settings = _pop_window(options, 0)
-    needs_data = outliers or value_outliers or center
-    cal = _calibration(model, calibration, options, sensitivity=False) if needs_data else None
+    needs_data = outliers or value_outliers or center or channel_scale
+    cal = _calibration(model, calibration, options, sensitivity=channel_scale) if needs_data else None
     _no_more(options, "turboquant")
     k_rot, v_rot = jax.random.split(key)
     ks = vs = None
     if cal is not None:
         ks = cal.keys_before_rope() if pre_rope else cal.keys
         vs = cal.values
+    kw, vw = (cal.key_weights, cal.value_weights) if channel_scale else (None, None)
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
-        rescale=rescale and not prod,
+        rescale=rescale and not prod, sensitivity=kw,
     )  # fmt: skip
     vc = fit_turboquant_codec(
-        v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale
+        v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale, sensitivity=vw
     )
     desc = (("bits", bits), ("key_bits", key_bits), ("value_bits", value_bits), ("outliers", kc.outliers))
     desc += (("pre_rope", pre_rope), ("center", center), ("prod", prod), ("window", window))
-    desc += (("rescale", rescale), ("sink", common["sink"]))
+    desc += (("rescale", rescale), ("channel_scale", channel_scale), ("sink", common["sink"]))
     return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
 
