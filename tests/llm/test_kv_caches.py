@@ -269,6 +269,22 @@ def test_turboquant_channel_scales_cut_the_fisher_weighted_error_as_predicted(bi
     assert np.all(ratio > 0.9 * predicted) and np.all(ratio < 1.25 * predicted), (ratio, predicted)
 
 
+@pytest.mark.parametrize("sink", [0, 1, 3])
+def test_turboquant_statistics_skip_the_positions_the_sink_keeps(model, sink):
+    """The calibration's first `sink` positions of each sequence (kept exact by the cache, and
+    here planted 1,000x larger) do not enter the fitted means: they equal the float64 means of
+    the other positions."""
+    cal = _calibration()
+    first = np.arange(cal.keys[0].shape[0]) % cal.seq_len < max(sink, 1)
+    keys = [np.where(first[:, None, None], 1000.0, k).astype(np.float32) for k in cal.keys]
+    cal = dataclasses.replace(cal, keys=keys, values=keys)
+    cache = make_cache(model, "turboquant", bits=3.5, max_len=16, outliers=4, center=True, sink=sink, calibration=cal)
+    used = np.arange(cal.keys[0].shape[0]) % cal.seq_len >= sink
+    for codec in (cache.key_codec, cache.value_codec):
+        want = np.mean(np.asarray(keys[0], np.float64)[used], axis=0)
+        np.testing.assert_allclose(np.asarray(codec.mean[0]), want, rtol=1e-4, atol=1e-5)
+
+
 def test_pq_codebook_rows_round_trip_exactly(model):
     cache = _make(model, "pq2")
     centroids = np.asarray(cache.value_codec.centroids[0], np.float32)  # (kvh, m, k, dsub), identity order

@@ -62,6 +62,16 @@ class KVCalibration:
         return [pre_rope_keys(self.config, k, self.seq_len) for k in self.keys]
 
 
+def skip_first(per_layer: list | None, seq_len: int, n: int) -> list | None:
+    """Per-layer calibration arrays (num_sequences * seq_len, ...) without the first n positions
+    of each sequence: the positions a cache's sink keeps in full precision, whose keys (the
+    attention sink's, often far larger than the rest) would otherwise set the codecs' statistics."""
+    if per_layer is None or n == 0:
+        return per_layer
+    keep = np.arange(per_layer[0].shape[0]) % seq_len >= n
+    return [a[keep] for a in per_layer]
+
+
 def calibrate(
     model: Model, calibration=None, *, num_sequences: int = 8, seq_len: int = 512, sensitivity: bool = False
 ) -> KVCalibration:
@@ -270,6 +280,8 @@ def _turboquant(model, bits, calibration, key, options, common):
         ks = cal.keys_before_rope() if pre_rope else cal.keys
         vs = cal.values
     kw, vw = (cal.key_weights, cal.value_weights) if channel_scale else (None, None)
+    if cal is not None:  # statistics of the positions the codecs code (not the sink's)
+        ks, vs, kw, vw = (skip_first(a, cal.seq_len, common["sink"]) for a in (ks, vs, kw, vw))
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
         rescale=rescale and not prod, sensitivity=kw,
