@@ -63,6 +63,7 @@ ROWS = {
     ),
     "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
     "pq-4": ("pq", 4, {}),
+    "pq-4 (window 128)": ("pq", 4, dict(window=128)),
     "pq-2": ("pq", 2, {}),
 }
 
