@@ -31,6 +31,15 @@ def test_pack_matches_bitwise_reference_and_round_trips(bits, m, n, seed):
     np.testing.assert_array_equal(unpack_codes(packed, bits, m), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 12])
+@pytest.mark.parametrize("m", [1, 7, 8, 13, 64])
+def test_word_unpacking_matches_the_bitwise_reference(bits, m):
+    """Widths read as whole words (1, 2, 3, 6, 12 bits) and through the bit stream (5), every m."""
+    codes = np.random.default_rng(bits * 100 + m).integers(0, 2**bits, size=(3, 2, m))
+    packed = _pack_reference(codes.reshape(6, m), bits).reshape(3, 2, -1)
+    np.testing.assert_array_equal(unpack_codes(packed, bits, m), codes)
+
+
 def test_byte_and_nibble_layouts():
     codes = np.array([[1, 2, 300, 65535]])
     assert pack_codes(codes, 16).tolist() == [[1, 0, 2, 0, 44, 1, 255, 255]]  # little-endian uint16
