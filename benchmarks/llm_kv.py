@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from llm_weights import smollm2_path
 from machine import describe
-from rows import load_rows, markdown_table, save_rows
+from rows import load_rows, markdown_table, save_row
 
 import vqlib.llm
 from vqlib.llm._eval import WIKITEXT2_TEST, read_text, shared_file
@@ -167,14 +167,12 @@ def main() -> None:
         if args.retime:
             if name not in done:
                 raise SystemExit(f"--retime: row {name!r} has not run yet")
-            done[name] = retime(done[name], model, test_ids, decode)
-            save_rows(store, done)
+            done = save_row(store, name, retime(done[name], model, test_ids, decode))
             continue
         timed = all(f"decode_ms_{c}" in done.get(name, {}) for c in decode)
         if name in done and not args.redo and done[name].get("windows") == args.windows and timed:
             continue
-        done[name] = run_row(name, model, test_ids, args.windows, decode)
-        save_rows(store, done)
+        done = save_row(store, name, run_row(name, model, test_ids, args.windows, decode))
     print(table([done[n] for n in ROWS if n in done]))
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from machine import cpu_model
-from rows import load_rows, markdown_table, save_rows
+from rows import load_rows, markdown_table, save_row
 
 import vqlib
 import vqlib.llm
@@ -200,8 +200,7 @@ def main() -> None:
             raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
         if name in done and not args.redo and not (args.full and "ppl_297" not in done[name]):
             continue
-        done[name] = run_row(name, base, test_ids, calibration, args.windows, args.full)
-        save_rows(store, done)
+        done = save_row(store, name, run_row(name, base, test_ids, calibration, args.windows, args.full))
     rows = [done[n] for n in ROWS if n in done]
     plot(rows, RESULTS / "llm_ppl_vs_bits.png")
     print(table(rows))

@@ -19,9 +19,18 @@ def load_rows(path: pathlib.Path) -> dict[str, dict]:
 def save_rows(path: pathlib.Path, rows: dict[str, dict]) -> None:
     """Writes the rows atomically (a run stopped half-way leaves the previous file whole)."""
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(rows, indent=1))
     os.replace(tmp, path)
+
+
+def save_row(path: pathlib.Path, name: str, row: dict) -> dict[str, dict]:
+    """Records one finished row into the file as it is now (rows another run wrote since this one
+    started are kept: saving a whole dict loaded hours earlier lost the pq-4 KV row once) and
+    returns all rows."""
+    rows = load_rows(path) | {name: row}
+    save_rows(path, rows)
+    return rows
 
 
 def markdown_table(rows: list[dict], columns: list[Column]) -> str:

@@ -87,11 +87,8 @@ def unpack_codes(packed: UInt8[ArrayLike, "*b w"], bits: int, m: int) -> Int32[A
 def _unpack(packed, bits: int, m: int):
     if bits == 8:
         return packed.astype(jnp.int32)
-    if bits == 4:  # low nibble first: interleave (lo, hi) per byte, then drop a padding nibble
-        nibbles = jnp.stack([packed & 15, packed >> 4], axis=-1).astype(jnp.int32)
-        return nibbles.reshape(*packed.shape[:-1], -1)[..., :m]
     word_bytes = math.lcm(8, bits) // 8
-    if word_bytes <= 3:  # whole codes in words of 1-3 bytes (1, 2, 3, 6, 12 bits): shifts, no bit stream
+    if word_bytes <= 3:  # whole codes in words of 1-3 bytes (1, 2, 3, 4, 6, 12 bits): shifts, no bit stream
         return _unpack_words(packed, bits, m, word_bytes)
     stream = (packed[..., None].astype(jnp.int32) >> _positions(8, packed.ndim + 1)) & 1  # (..., bytes, 8)
     stream = stream.reshape(*packed.shape[:-1], -1)[..., : m * bits]

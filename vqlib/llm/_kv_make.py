@@ -275,12 +275,13 @@ def _turboquant(model, bits, calibration, key, options, common):
     cal = _calibration(model, calibration, options, sensitivity=channel_scale) if needs_data else None
     _no_more(options, "turboquant")
     k_rot, v_rot = jax.random.split(key)
-    ks = vs = None
+    ks = vs = kw = vw = None
     if cal is not None:
         ks = cal.keys_before_rope() if pre_rope else cal.keys
         vs = cal.values
-    kw, vw = (cal.key_weights, cal.value_weights) if channel_scale else (None, None)
-    if cal is not None:  # statistics of the positions the codecs code (not the sink's)
+        if channel_scale:
+            kw, vw = cal.key_weights, cal.value_weights
+        # statistics of the positions the codecs code (not the sink's)
         ks, vs, kw, vw = (skip_first(a, cal.seq_len, common["sink"]) for a in (ks, vs, kw, vw))
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
