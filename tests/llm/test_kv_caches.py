@@ -14,7 +14,7 @@ from vqlib.codebooks import lloyd_max_codebook
 from vqlib.llm import LlamaConfig, Model, attention, forward, generate, init_params, make_cache, perplexity
 from vqlib.llm._generate import prefill_chunks
 from vqlib.llm._kv_make import KVCalibration, cache_storage, empty_like
-from vqlib.llm._kv_rope import unrope
+from vqlib.llm._kv_rope import RopeTable, rope, unrope
 from vqlib.llm._kv_turboquant import channel_scales, fit_turboquant_codec
 
 CFG = LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, hidden_dim=48)
@@ -401,6 +401,29 @@ def test_empty_like_keeps_the_fitted_codebooks(model):
     bigger = empty_like(cache, max_len=200)
     assert bigger.max_len == 200 and bigger.key_codec is cache.key_codec
     assert empty_like(make_cache(model, "float", max_len=4), max_len=9).keys[0].shape[1] == 9
+
+
+def test_rope_table_rotates_as_the_formula_at_far_positions():
+    cfg = dataclasses.replace(CFG, head_dim=64, rope_theta=100_000.0)
+    x = jax.random.normal(jax.random.key(3), (2, 512, 3, 64), jnp.float32)
+    table = RopeTable.build(cfg, 8704)
+    for start in (0, 1, 7_000, 8_192):
+        got = np.asarray(table.rope(x, jnp.int32(start)))
+        np.testing.assert_allclose(got, np.asarray(rope(cfg, x, jnp.int32(start))), rtol=0, atol=2e-6)
+        back = np.asarray(table.unrope(jnp.asarray(got), jnp.int32(start)))
+        np.testing.assert_allclose(back, np.asarray(x), rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="cannot rotate 9000"):
+        table.rope(jnp.zeros((1, 9000, 1, 64)), jnp.int32(0))
+
+
+@pytest.mark.parametrize("name", ["kvquant3", "turboquant3.5_scaled"])
+def test_pre_rope_codecs_carry_a_table_as_long_as_the_stores(model, name):
+    cache = _make(model, name)
+    positions = lambda c: jax.tree.leaves(c.keys[0])[0].shape[1]  # noqa: E731
+    assert cache.key_codec.rope_table.capacity == positions(cache)
+    assert getattr(cache.value_codec, "rope_table", None) is None  # values are not rotated
+    bigger = empty_like(cache, max_len=300)
+    assert bigger.key_codec.rope_table.capacity == positions(bigger) > positions(cache)
 
 
 # ----------------------------------------------------------------------------- bad input

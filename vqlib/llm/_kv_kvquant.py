@@ -21,6 +21,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,7 @@ from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import fit_kmeans_batched, pack_codes, unpack_codes
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
-from vqlib.llm._kv_rope import rope, unrope
+from vqlib.llm._kv_rope import RopeTable, rope_at
 
 BITS = (3, 4)
 
@@ -62,6 +64,8 @@ class KVQuantKeyCodec(TileCodec):
     Attributes:
         levels: per layer, (kvh, hd, 2**bits) float16 sorted levels of each channel.
         low, high: per layer, (kvh, hd) float32 inlier range of each channel.
+        rope_table: the angles of every position of the cache holding the codec (None outside a
+            cache: then computed from config).
         config: the model's config (RoPE).
         num_outliers: numbers per token kept exactly.
         outlier_dtype: "float16" or "float32".
@@ -70,6 +74,7 @@ class KVQuantKeyCodec(TileCodec):
     levels: tuple
     low: tuple
     high: tuple
+    rope_table: RopeTable | None = None
     config: LlamaConfig = static_field(None)
     num_outliers: int = static_field(2)
     outlier_dtype: str = static_field("float16")
@@ -89,7 +94,7 @@ class KVQuantKeyCodec(TileCodec):
 
     def write(self, layer, store, x, start, recent):
         b, t, kvh, hd = x.shape
-        x = unrope(self.config, x, start)
+        x = rope_at(self.rope_table, self.config, x, start, inverse=True)
         lo, hi = self.low[layer][None, None], self.high[layer][None, None]
         excess = jnp.maximum(x - hi, lo - x) / (hi - lo)  # > 0 outside the inlier range
         _, idx = jax.lax.top_k(excess.reshape(b, t, kvh * hd), self.num_outliers)
@@ -107,7 +112,10 @@ class KVQuantKeyCodec(TileCodec):
         return _read_outliers(x[..., 0], store, start, size)
 
     def dequant(self, layer, store, start, size):
-        return rope(self.config, self.dequant_pre_rope(layer, store, start, size), start)
+        return rope_at(self.rope_table, self.config, self.dequant_pre_rope(layer, store, start, size), start)
+
+    def for_capacity(self, config, capacity):
+        return dataclasses.replace(self, rope_table=RopeTable.build(config, capacity))
 
 
 @pytree_dataclass

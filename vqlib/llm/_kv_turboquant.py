@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -52,7 +53,7 @@ from vqlib.codebooks import fit_turboquant, fit_turboquant_prod, pack_codes, rot
 from vqlib.kernels import nearest_level
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
-from vqlib.llm._kv_rope import rope, unrope
+from vqlib.llm._kv_rope import RopeTable, rope_at
 
 _HIGHEST = lax.Precision.HIGHEST
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -80,6 +81,8 @@ class TurboQuantKVCodec(TileCodec):
             shrinkage of the decoded vector (not with prod, whose unbiased estimate needs ||y||).
         scale: per layer, (kvh, hd) float32 channel scales s (see the module docstring), or ()
             for none.
+        rope_table: with pre_rope, the angles of every position of the cache holding the codec
+            (None outside a cache: then computed from config).
     """
 
     matrix: tuple
@@ -88,6 +91,7 @@ class TurboQuantKVCodec(TileCodec):
     levels_reg: jax.Array
     sketch: tuple = ()
     scale: tuple = ()
+    rope_table: RopeTable | None = None
     config: LlamaConfig = static_field(None)
     bits: int = static_field(3)
     outliers: int = static_field(0)
@@ -130,7 +134,7 @@ class TurboQuantKVCodec(TileCodec):
 
     def _to_coded_domain(self, layer, x, start):
         if self.pre_rope:
-            x = unrope(self.config, x, start)
+            x = rope_at(self.rope_table, self.config, x, start, inverse=True)
         x = x - self.mean[layer][None, None]
         if self.scale:
             x = x * self.scale[layer][None, None]
@@ -202,7 +206,10 @@ class TurboQuantKVCodec(TileCodec):
             y = y + (SQRT_HALF_PI / hd) * (norms[..., 0:1] * norms[..., -1:]) * back
         x = jnp.einsum("khd,bskh->bskd", self.matrix[layer], y, precision=_HIGHEST)
         x = self._unscale(layer, x) + self.mean[layer][None, None]
-        return rope(self.config, x, start) if self.pre_rope else x
+        return rope_at(self.rope_table, self.config, x, start) if self.pre_rope else x
+
+    def for_capacity(self, config, capacity):
+        return dataclasses.replace(self, rope_table=RopeTable.build(config, capacity)) if self.pre_rope else self
 
     def prepare(self, layer, q):
         if self.pre_rope:
