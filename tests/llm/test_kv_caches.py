@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vqlib.codebooks import lloyd_max_codebook
-from vqlib.llm import LlamaConfig, Model, _kv_dots, attention, forward, generate, init_params, make_cache, perplexity
+from vqlib.llm import LlamaConfig, Model, attention, forward, generate, init_params, make_cache, perplexity
 from vqlib.llm._generate import prefill_chunks
 from vqlib.llm._kv_make import KVCalibration, cache_storage, empty_like
 from vqlib.llm._kv_rope import RopeTable, rope, unrope
@@ -401,17 +401,6 @@ def test_empty_like_keeps_the_fitted_codebooks(model):
     bigger = empty_like(cache, max_len=200)
     assert bigger.max_len == 200 and bigger.key_codec is cache.key_codec
     assert empty_like(make_cache(model, "float", max_len=4), max_len=9).keys[0].shape[1] == 9
-
-
-@pytest.mark.parametrize("g,t", [(3, 1), (2, 4), (3, 5)])  # both sides of _kv_dots.FEW
-def test_attention_contractions_equal_float64(g, t):
-    rng = np.random.default_rng(g * 10 + t)
-    q, x = rng.normal(size=(2, 3, g, t, 16)), rng.normal(size=(2, 40, 3, 16))
-    p = rng.random(size=(2, 3, g, t, 40))
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    got_s, got_m = _kv_dots.scores(f32(q), f32(x)), _kv_dots.mix(f32(p), f32(x))
-    np.testing.assert_allclose(got_s, np.einsum("bkgtd,bskd->bkgts", q, x), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got_m, np.einsum("bkgts,bskd->bkgtd", p, x), rtol=0, atol=1e-5)
 
 
 def test_rope_table_rotates_as_the_formula_at_far_positions():

@@ -33,7 +33,6 @@ from jax import lax
 
 from vqlib import _checks
 from vqlib._types import pytree_dataclass
-from vqlib.llm import _kv_dots as dots
 from vqlib.llm._config import LlamaConfig
 
 
@@ -67,12 +66,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, 
     """
     b, t, h, hd = q.shape
     kvh = k.shape[2]
-    q = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)
-    scores = dots.scores(q, k.astype(jnp.float32)) * jnp.float32(1.0 / hd**0.5)
+    q = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    scores = scores * jnp.float32(1.0 / hd**0.5)
     visible = k_positions[None, :] <= q_positions[:, None]  # (t, s)
     scores = jnp.where(visible[None, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = dots.mix(probs, v.astype(jnp.float32)).transpose(0, 3, 1, 2, 4)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return out.reshape(b, t, h, hd)
 
 

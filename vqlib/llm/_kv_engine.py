@@ -41,7 +41,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from vqlib._types import pytree_dataclass, static_field
-from vqlib.llm import _kv_dots as dots
 from vqlib.llm._config import LlamaConfig
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -75,11 +74,11 @@ class TileCodec:
 
     def scores(self, layer: int, store, q, start, size: int):
         x = self.dequant(layer, store, start, size)
-        return dots.scores(q, x)
+        return jnp.einsum("bkgtd,bskd->bkgts", q, x, precision=_HIGHEST)
 
     def mix(self, layer: int, store, probs, start, size: int):
         x = self.dequant(layer, store, start, size)
-        return dots.mix(probs, x)
+        return jnp.einsum("bkgts,bskd->bkgtd", probs, x, precision=_HIGHEST)
 
     def finish(self, layer: int, acc, mass):
         return acc
@@ -235,7 +234,7 @@ class CompressedKVCache:
             fk = lax.dynamic_slice_in_dim(jnp.concatenate([recent_k, zeros], 1), shift, n_b, axis=1)
             fv = lax.dynamic_slice_in_dim(jnp.concatenate([recent_v, zeros], 1), shift, n_b, axis=1)
             key_fp = window_fp(self.key_rule, self.key_window, pos, q_pos)
-            s_fp = dots.scores(qs, fk)
+            s_fp = jnp.einsum("bkgtd,bskd->bkgts", qs, fk, precision=_HIGHEST)
             s = jnp.where(key_fp[None, None, None], s_fp, s)
             value_fp = window_fp(self.value_rule, self.value_window, pos, q_pos)[None, None, None]
         else:
@@ -247,7 +246,7 @@ class CompressedKVCache:
             acc_fp = jnp.zeros((b, kvh, g, t, hd), jnp.float32)
         else:
             acc_codec = acc_codec + vc.mix(layer, vstore, jnp.where(value_fp, 0.0, p), a_end, n_b)
-            acc_fp = dots.mix(jnp.where(value_fp, p, 0.0), fv)
+            acc_fp = jnp.einsum("bkgts,bskd->bkgtd", jnp.where(value_fp, p, 0.0), fv, precision=_HIGHEST)
 
         # C: the sink
         sink_k, sink_v = self.sink_keys, self.sink_values
@@ -258,11 +257,13 @@ class CompressedKVCache:
             sk = jnp.where(fresh, jnp.take(k, idx, axis=1).astype(dtype), self.sink_keys[layer])
             sv = jnp.where(fresh, jnp.take(v, idx, axis=1).astype(dtype), self.sink_values[layer])
             sink_k, sink_v = replace_layer(sink_k, layer, sk), replace_layer(sink_v, layer, sv)
-            s = dots.scores(qs, sk.astype(jnp.float32))
+            s = jnp.einsum("bkgtd,bskd->bkgts", qs, sk.astype(jnp.float32), precision=_HIGHEST)
             seen = jnp.arange(S, dtype=jnp.int32)[None, :] <= q_pos[:, None]
             (m, den, lq), p, corr = _online(m, den, lq, s, seen, jnp.ones((1, 1, 1, 1, 1), bool))
             acc_codec = acc_codec * corr[..., None]
-            acc_fp = acc_fp * corr[..., None] + dots.mix(p, sv.astype(jnp.float32))
+            acc_fp = acc_fp * corr[..., None] + jnp.einsum(
+                "bkgts,bskd->bkgtd", p, sv.astype(jnp.float32), precision=_HIGHEST
+            )
 
         out = (vc.finish(layer, acc_codec, lq) + acc_fp) / den[..., None]
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)

@@ -29,7 +29,6 @@ from jax import lax
 
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import ProductCodebook, adc_tables, fit, pack_codes, unpack_codes
-from vqlib.llm import _kv_dots as dots
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -86,8 +85,8 @@ class PQKVCodec(TileCodec):
         b, t, kvh, hd = x.shape
         c = self.centroids[layer].astype(jnp.float32)  # (kvh, m, k, dsub)
         xs = self._permute(x).reshape(b, t, kvh, self.m, -1)
-        xc = jnp.einsum("btkmd,kmcd->btkmc", xs, c, precision=_HIGHEST)
-        d2 = jnp.sum(c * c, axis=-1)[None, None] - 2 * xc  # (b, t, kvh, m, k) minus ||x||^2
+        dots = jnp.einsum("btkmd,kmcd->btkmc", xs, c, precision=_HIGHEST)
+        d2 = jnp.sum(c * c, axis=-1)[None, None] - 2 * dots  # (b, t, kvh, m, k) minus ||x||^2
         codes = jnp.argmin(d2, axis=-1).astype(jnp.int32)
         return dict(codes=write_positions(store["codes"], pack_codes(codes, self.bits), start))
 
@@ -127,7 +126,7 @@ class PQKVCodec(TileCodec):
 
     def mix(self, layer, store, probs, start, size):
         x = self._decode_permuted(layer, self._codes(store, start, size))
-        return dots.mix(probs, x)
+        return jnp.einsum("bkgts,bskd->bkgtd", probs, x, precision=_HIGHEST)
 
     def finish(self, layer, acc, mass):
         return self._unpermute(acc)

@@ -51,7 +51,6 @@ from jax import lax
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import fit_turboquant, fit_turboquant_prod, pack_codes, rotate, unpack_codes
 from vqlib.kernels import nearest_level
-from vqlib.llm import _kv_dots as dots
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
 from vqlib.llm._kv_rope import RopeTable, rope_at
@@ -225,12 +224,12 @@ class TurboQuantKVCodec(TileCodec):
             return TileCodec.scores(self, layer, store, qstate, start, size)
         q_rot, q_mean, q_sketch = qstate
         y, norms = self._rotated(store, start, size)
-        s = dots.scores(q_rot, y) + q_mean[..., None]
+        s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + q_mean[..., None]
         if self.prod:
             hd = y.shape[-1]
             z = self._signs(store, start, size, hd)
             weight = (SQRT_HALF_PI / hd) * norms[..., 0] * norms[..., -1]  # (b, size, kvh)
-            sk = dots.scores(q_sketch, z)
+            sk = jnp.einsum("bkgth,bskh->bkgts", q_sketch, z, precision=_HIGHEST)
             s = s + sk * weight.transpose(0, 2, 1)[:, :, None, None, :]
         return s
 
@@ -238,7 +237,7 @@ class TurboQuantKVCodec(TileCodec):
         if self.pre_rope or self.prod:
             return TileCodec.mix(self, layer, store, probs, start, size)
         y, _ = self._rotated(store, start, size)
-        return dots.mix(probs, y)
+        return jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
 
     def finish(self, layer, acc, mass):
         if self.pre_rope or self.prod:
