@@ -5,7 +5,7 @@ decoded tile.
 Inside a cache the angles come from a `RopeTable` of every position it can hold, computed once
 when the cache is made: a decode step then slices it. Computed inside the step instead, XLA:CPU
 fuses the cosines and sines into the rotation and evaluates them per element of the tile (all
-heads, every batch row): 0.4-0.8 ms per 512-position tile against 0.02-0.03 ms for the slice
+heads, every batch row): 0.36-0.63 ms per 512-position tile against 0.02-0.03 ms for the slice
 (measured on the benchmark's Xeon)."""
 
 from __future__ import annotations
