@@ -92,7 +92,7 @@ class TileCodec:
         """Positions a write may touch past length + t (whole groups of a per-group codec)."""
         return 0
 
-    def for_capacity(self, config: LlamaConfig, capacity: int):
+    def for_capacity(self, capacity: int):
         """The codec as a cache of `capacity` positions holds it (a codec that decodes keys
         before RoPE takes the cache's table of angles here)."""
         return self
@@ -401,7 +401,7 @@ def empty_cache(
     # room for: the B source read at a_end + W + t <= max_len + W, group writes past the end, whole tiles
     pad = max(key_codec.padding, value_codec.padding)
     capacity = -(-(max_len + window_slots + pad) // tile) * tile
-    key_codec, value_codec = key_codec.for_capacity(config, capacity), value_codec.for_capacity(config, capacity)
+    key_codec, value_codec = key_codec.for_capacity(capacity), value_codec.for_capacity(capacity)
     layers = range(config.num_layers)
     ks = tuple(key_codec.init(batch, capacity, kvh, hd) for _ in layers)
     vs = tuple(value_codec.init(batch, capacity, kvh, hd) for _ in layers)

@@ -114,8 +114,8 @@ class KVQuantKeyCodec(TileCodec):
     def dequant(self, layer, store, start, size):
         return rope_at(self.rope_table, self.config, self.dequant_pre_rope(layer, store, start, size), start)
 
-    def for_capacity(self, config, capacity):
-        return dataclasses.replace(self, rope_table=RopeTable.build(config, capacity))
+    def for_capacity(self, capacity):
+        return dataclasses.replace(self, rope_table=RopeTable.build(self.config, capacity))
 
 
 @pytree_dataclass

@@ -208,8 +208,8 @@ class TurboQuantKVCodec(TileCodec):
         x = self._unscale(layer, x) + self.mean[layer][None, None]
         return rope_at(self.rope_table, self.config, x, start) if self.pre_rope else x
 
-    def for_capacity(self, config, capacity):
-        return dataclasses.replace(self, rope_table=RopeTable.build(config, capacity)) if self.pre_rope else self
+    def for_capacity(self, capacity):
+        return dataclasses.replace(self, rope_table=RopeTable.build(self.config, capacity)) if self.pre_rope else self
 
     def prepare(self, layer, q):
         if self.pre_rope:
