@@ -22,20 +22,20 @@ import importlib.util
 import json
 import os
 import pathlib
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from machine import cpu_model
 from rows import load_rows, markdown_table, save_row
 
 import vqlib
 import vqlib.llm
 from vqlib.llm._compress import bits_per_weight, compress
-from vqlib.llm._eval import CALIBRATION, WIKITEXT2_TEST, read_text, shared_file
-from vqlib.llm._model import LINEARS, forward
+from vqlib.llm._eval import CALIBRATION, WIKITEXT2_TEST, read_text, shared_file, windows
+from vqlib.llm._model import LINEARS, forward, token_nll
 from vqlib.llm._weights import stored_bits
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -99,6 +99,29 @@ def decode_tokens_per_second(model, steps: int = 32) -> float:
     return steps / (time.perf_counter() - start)
 
 
+def model_store() -> pathlib.Path:
+    """Where compressed rows are kept between runs (outside the repository), so that a later
+    `--full` scores a finished row without compressing it again."""
+    root = os.environ.get("VQLIB_BENCH_MODELS", os.path.join(os.path.expanduser("~"), ".cache", "vqlib", "llm_weights"))
+    return pathlib.Path(root)
+
+
+def full_perplexity(model, test_ids) -> dict:
+    """Perplexity on all 297 windows, through `vqlib.llm.decompress(model)`: every compressed
+    matrix decoded once, so a window costs what the float model's does (the LUT path decodes the
+    weights again in every call, 1.3-2.7x slower on this CPU). The same pass gives the first 40
+    windows' figure, which must equal the row's LUT-path `ppl` up to float rounding."""
+    flat = vqlib.llm.decompress(model)
+    wins = windows(test_ids, 1024)
+    nll = []
+    with tqdm.tqdm(total=len(wins), desc="297 windows", mininterval=30) as bar:
+        for i in range(0, len(wins), 2):
+            nll.append(np.asarray(token_nll(flat.params, flat.config, wins[i : i + 2]), np.float64))
+            bar.update(len(nll[-1]))
+    nll = np.concatenate(nll)
+    return dict(ppl_297=float(np.exp(nll.mean())), ppl_40_decompressed=float(np.exp(nll[:40].mean())))
+
+
 def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict:
     spec = ROWS[name]
     row = dict(row=name, cpu=cpu_model(), date=datetime.date.today().isoformat(), windows=windows)
@@ -114,10 +137,10 @@ def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict
         seconds = time.perf_counter() - start
         row["compress_cpu_seconds"] = round(time.process_time() - cpu, 1)
         row |= dict(method=method, bits=bits, options=dict(model.info).get("options"))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.vq")
-        vqlib.save(path, dataclasses.replace(model, tokenizer=None))
-        row["file_bytes"] = os.path.getsize(path)
+    path = model_store() / f"{name}.vq"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vqlib.save(path, dataclasses.replace(model, tokenizer=None))
+    row["file_bytes"] = os.path.getsize(path)
     row |= dict(
         compress_seconds=round(seconds, 1),
         bits_per_weight=round(bits_per_weight(model), 4),
@@ -129,8 +152,21 @@ def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict
     row["ppl_seconds"] = round(time.perf_counter() - start, 1)
     row["decode_tokens_per_s"] = round(decode_tokens_per_second(model), 2)
     if full:
-        row["ppl_297"] = vqlib.llm.perplexity(model, test_ids, batch_size=2, progress=True)
+        row |= full_perplexity(model, test_ids)
     row["load_average_after"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def add_full(name, row: dict, base, test_ids) -> dict:
+    """A finished row's 297-window figure, from its stored model (None when it is not stored)."""
+    path = model_store() / f"{name}.vq"
+    if ROWS[name] is not None and not path.exists():
+        return None
+    model = base if ROWS[name] is None else vqlib.llm.load(path)
+    start = time.perf_counter()
+    row = row | full_perplexity(model, test_ids)
+    row |= dict(ppl_297_seconds=round(time.perf_counter() - start, 1), ppl_297_date=datetime.date.today().isoformat())
     print(json.dumps(row), flush=True)
     return row
 
@@ -198,8 +234,14 @@ def main() -> None:
     for name in args.rows.split(","):
         if name not in ROWS:
             raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
-        if name in done and not args.redo and not (args.full and "ppl_297" not in done[name]):
-            continue
+        if name in done and not args.redo:
+            if args.full and "ppl_297" not in done[name]:
+                row = add_full(name, done[name], base, test_ids)
+                if row is not None:
+                    done = save_row(store, name, row)
+                    continue
+            else:
+                continue
         done = save_row(store, name, run_row(name, base, test_ids, calibration, args.windows, args.full))
     rows = [done[n] for n in ROWS if n in done]
     plot(rows, RESULTS / "llm_ppl_vs_bits.png")

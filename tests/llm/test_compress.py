@@ -9,10 +9,10 @@ import pytest
 
 import vqlib
 import vqlib.llm
-from vqlib.llm import CompressedWeight, LlamaConfig, Model, forward, init_params, linear, perplexity
+from vqlib.llm import CompressedWeight, LlamaConfig, Model, forward, init_params, perplexity
 from vqlib.llm._compress import bits_per_weight, compress, method_module, weight_count
 from vqlib.llm._gptq import layer_loss
-from vqlib.llm._weights import stored_bits
+from vqlib.llm._weights import dense, stored_bits
 
 # ----------------------------------------------------------------------------- one layer
 
@@ -26,14 +26,10 @@ def layer():
     return (0.05 * rng.normal(size=(128, 256))).astype(np.float32), x.T @ x / len(x)
 
 
-def _dense(w: CompressedWeight, n_in: int) -> np.ndarray:
-    return np.asarray(linear(jnp.eye(n_in, dtype=jnp.float32), w)).T
-
-
 def _loss(method, bits, w, h, **options):
     mod = method_module(method)
     cw = mod.compress_weight(jax.random.key(0), w, h, **mod.check_options(bits, options))
-    return layer_loss(w, _dense(cw, w.shape[1]), h), stored_bits(cw) / w.size
+    return layer_loss(w, np.asarray(dense(cw)), h), stored_bits(cw) / w.size
 
 
 @pytest.mark.parametrize(
@@ -67,7 +63,7 @@ def test_rtn_reproduces_a_weight_already_on_its_grid():
     codes[..., 0], codes[..., 1] = 0, 15  # every group spans its whole grid
     w = (offsets + steps * codes).reshape(8, 128)  # 4-bit groups of 32, as GGUF's Q4_1 blocks
     cw = method_module("rtn").compress_weight(None, w, None, bits=4, group_size=32)
-    np.testing.assert_allclose(_dense(cw, 128), w, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dense(cw)), w, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -122,6 +118,9 @@ def test_compressed_model_runs_saves_and_loads(tiny, compressed, method, tmp_pat
     back = vqlib.llm.load(tmp_path / "m.vq")
     assert back.info == small.info
     np.testing.assert_array_equal(forward(back.params, back.config, tokens)[0], logits)
+    flat = vqlib.llm.decompress(small)  # every matrix decoded once: the same function, float weights
+    assert all(w.dtype == jnp.float32 and w.ndim == 2 for w in (flat.params.embed, flat.params.blocks[1].w_up))
+    np.testing.assert_allclose(forward(flat.params, flat.config, tokens)[0], logits, rtol=1e-4, atol=1e-4)
 
 
 def test_layers_and_embedding_selection(tiny):

@@ -5,6 +5,7 @@ TurboQuant, PQ) that `perplexity(..., kv_cache=)` and `generate(..., kv_cache=)`
 
 from vqlib.llm._compress import bits_per_weight as bits_per_weight
 from vqlib.llm._compress import compress as compress
+from vqlib.llm._compress import decompress as decompress
 from vqlib.llm._config import LlamaConfig as LlamaConfig
 from vqlib.llm._eval import read_text as read_text
 from vqlib.llm._eval_cache import perplexity as perplexity

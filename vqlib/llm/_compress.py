@@ -44,7 +44,7 @@ from vqlib.llm._model import (
     rms_norm,
     rope_tables,
 )
-from vqlib.llm._weights import CompressedWeight, linear, stored_bits
+from vqlib.llm._weights import CompressedWeight, dense, linear, stored_bits
 
 METHODS = {
     "rtn": "vqlib.llm._rtn",
@@ -80,6 +80,33 @@ def bits_per_weight(model: Model) -> float:
 def model_bytes(model: Model) -> int:
     """Bytes of the parameters as stored (the tokenizer and file header not included)."""
     return stored_bits(model.params) // 8
+
+
+def decompress(model: Model) -> Model:
+    """The float model a compressed model stands for: every compressed matrix decoded once to
+    float32 (out, in), norms and float layers as they are.
+
+    A forward pass of the result computes the compressed model's function up to float rounding
+    (the same decoded values, multiplied in another order) at the float model's speed and memory:
+    for evaluating many windows, or for exporting to a float format. The compressed model keeps
+    its bits; this one does not.
+
+    Example:
+        >>> import jax
+        >>> from vqlib.llm import LlamaConfig, Model, init_params
+        >>> from vqlib.llm import compress, decompress
+        >>> cfg = LlamaConfig(vocab_size=32, dim=32, num_layers=1, num_heads=2, num_kv_heads=1,
+        ...                   head_dim=16, hidden_dim=64)
+        >>> m = compress(Model(cfg, init_params(jax.random.key(0), cfg)), "rtn", bits=4, group_size=16)
+        >>> decompress(m).params.blocks[0].wq.dtype
+        dtype('float32')
+    """
+    p = model.params
+    blocks = tuple(dataclasses.replace(blk, **{n: dense(getattr(blk, n)) for n in LINEARS}) for blk in p.blocks)
+    params = dataclasses.replace(
+        p, embed=dense(p.embed), blocks=blocks, lm_head=None if p.lm_head is None else dense(p.lm_head)
+    )
+    return dataclasses.replace(model, params=params)
 
 
 # ----------------------------------------------------------------------------- calibration

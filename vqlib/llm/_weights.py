@@ -237,6 +237,21 @@ def _decoded(lut: LUTWeight) -> jax.Array:
     return lut_matmul(jnp.eye(n_in, dtype=jnp.float32), lut).T
 
 
+def dense(w) -> jax.Array:
+    """The float32 (out, in) matrix a weight stands for: W = linear(I, W)^T, through the same
+    kernels a forward pass uses (a float array passes through as float32).
+
+    Example:
+        >>> import numpy as np
+        >>> from vqlib.llm._weights import dense
+        >>> dense(np.ones((4, 3))).shape
+        (4, 3)
+    """
+    if not isinstance(w, LUTWeight | CompressedWeight):
+        return jnp.asarray(w, jnp.float32)
+    return linear(jnp.eye(w.shape[1], dtype=jnp.float32), w).T
+
+
 def decode_rows(w, rows: jax.Array) -> jax.Array:
     """Rows `rows` (n,) of W as float32 (n, in): an embedding lookup that decodes only those rows."""
     if isinstance(w, LUTWeight):
