@@ -2,11 +2,14 @@
 programs released after each module, the heaviest files scheduled first."""
 
 import hashlib
+import os
 import pathlib
 
 import jax
 import pytest
 
+# The tests compile in a clean state: no persistent compilation cache unless a test sets one up.
+os.environ.setdefault("VQLIB_COMPILATION_CACHE", "off")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -149,8 +149,14 @@ def from_faiss(index) -> Index:
     )
 
 
-def to_faiss(index: Index):
+def to_faiss(index: Index, *, label_rows: bool = False):
     """A faiss index with the same quantizers and live vectors (see module doc for the kinds).
+
+    Args:
+        index: the vqlib index.
+        label_rows: label each vector by its row in `index.data` instead of its id (the search
+            engine's copy: its results index the raw vectors directly, and a flat copy needs no
+            id map).
 
     Example:
         >>> import numpy as np, vqlib
@@ -176,7 +182,7 @@ def to_faiss(index: Index):
     d = index.dim
     metric = faiss.METRIC_L2 if index.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     keep = np.flatnonzero(np.asarray(index.live))
-    data, ids = np.asarray(index.data)[keep], index.ids[keep]
+    data, ids = np.asarray(index.data)[keep], (keep.astype(np.int64) if label_rows else index.ids[keep])
     lists = np.asarray(row_lists(index.offsets, index.data.shape[0]))[keep]
     if cb is None:
         if index.nlist == 1:

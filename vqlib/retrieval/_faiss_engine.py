@@ -3,7 +3,8 @@
 XLA:CPU runs table lookups as generic gathers (about 1 ns each) where faiss's scanners run SIMD
 loops over the same codes, so on CPU `search` hands raw-vector and PQ indexes (IVF or flat,
 fast-scan included, OPQ in front) to a faiss copy of the index: the same coarse centroids,
-codebook, codes and ids (`to_faiss`), built on first use and kept while the index lives. The
+codebook and codes, each vector labelled by its row (`to_faiss(label_rows=True)`: results index
+the raw vectors for re-ranking directly), built on first use and kept while the index lives. The
 scores are the same ADC in float32, so results equal the XLA path's up to float rounding and the
 order of equal scores (measured: 99.8-100% of top-10 ids equal, scores within 1e-4); L2 fast-scan
 equals it where faiss's 8-bit table rounding matches vqlib's (flat, or one probed list; with
@@ -26,7 +27,7 @@ from vqlib.kernels import faiss_available
 from vqlib.retrieval._faiss import to_faiss
 from vqlib.retrieval._index import Index
 
-_MIRRORS: dict[int, tuple] = {}  # id(index) -> (faiss index, its IVF part or None, sorted ids, their rows)
+_MIRRORS: dict[int, tuple] = {}  # id(index) -> (faiss index labelled by row, its IVF part or None)
 _LOCK = threading.Lock()
 
 
@@ -51,30 +52,26 @@ def _mirror(index: Index):
             return found
     import faiss
 
-    copy = to_faiss(index)
-    ivf = faiss.try_extract_index_ivf(copy)
-    stored = np.flatnonzero(index.ids >= 0)
-    order = np.argsort(index.ids[stored], kind="stable")
-    entry = (copy, ivf, index.ids[stored][order], stored[order])
+    copy = to_faiss(index, label_rows=True)
+    entry = (copy, faiss.try_extract_index_ivf(copy))
     with _LOCK:
         _MIRRORS[key] = entry
     weakref.finalize(index, _MIRRORS.pop, key, None)
     return entry
 
 
-def rows_of(index: Index, ids: np.ndarray) -> np.ndarray:
-    """User ids (-1: none) -> index rows (-1: none)."""
-    _, _, sorted_ids, rows = _mirror(index)
-    at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
-    return np.where((ids >= 0) & (sorted_ids[at] == ids), rows[at], -1)
-
-
 def search(index: Index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (q, k) float32 as faiss orders them, ids (q, k) int64) from the faiss copy."""
-    copy, ivf, _, _ = _mirror(index)
+    """(scores (q, k) float32 as faiss orders them, rows (q, k) int64 of `index.data`, -1: none)
+    from the faiss copy."""
+    copy, ivf = _mirror(index)
     queries = np.ascontiguousarray(queries, np.float32)
     with _LOCK:  # nprobe is a field of the shared copy
         if ivf is not None:
             ivf.nprobe = nprobe
-        scores, ids = copy.search(queries, k)
-    return scores, ids.astype(np.int64)
+        scores, rows = copy.search(queries, k)
+    return scores, rows.astype(np.int64)
+
+
+def ids_of(index: Index, rows: np.ndarray) -> np.ndarray:
+    """Rows of `index.data` (-1: none) -> the vectors' ids (-1: none)."""
+    return np.where(rows >= 0, index.ids[np.maximum(rows, 0)], -1)

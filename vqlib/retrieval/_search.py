@@ -75,10 +75,9 @@ def search(
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     s = static_of(index)
     if use_faiss:
-        scores, ids = _faiss_engine.search(index, np.asarray(queries), rerank or k, nprobe)
+        scores, rows = _faiss_engine.search(index, np.asarray(queries), rerank or k, nprobe)
         if rerank is None:
-            return _faiss_public(index, scores, ids)
-        rows = _faiss_engine.rows_of(index, ids)
+            return _faiss_public(index, scores, _faiss_engine.ids_of(index, rows))
         dists, rows = rerank_exact(index.vectors, queries, jnp.asarray(rows, jnp.int32), l2=s.l2, k=k)
         return finish(index, dists, rows, index.ids)
     dists, rows = approximate(parts_of(index), queries, s, k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe))
@@ -118,9 +117,9 @@ def _search_traced(index: Index, queries, k: int, nprobe: int, rerank, use_faiss
     if use_faiss:
 
         def host(q):
-            scores, ids = _faiss_engine.search(index, np.asarray(q), kk, nprobe)
+            scores, rows = _faiss_engine.search(index, np.asarray(q), kk, nprobe)
             internal = scores if s.l2 or index.metric == "l2" else -scores
-            return internal.astype(np.float32), _faiss_engine.rows_of(index, ids).astype(np.int32)
+            return internal.astype(np.float32), rows.astype(np.int32)
 
         shapes = (
             jax.ShapeDtypeStruct((queries.shape[0], kk), jnp.float32),
