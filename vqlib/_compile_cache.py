@@ -13,7 +13,8 @@ the cache on at `~/.cache/vqlib/jax` (or `$XDG_CACHE_HOME/vqlib/jax`) when
 Every program is written, however fast it compiled (JAX's default skips those under a second:
 a PQ fast-scan build runs about 100 small programs, and with that default a later process still
 spent 5.8 s of a 7.7 s build compiling them; with all of them cached, 1.8 s), and the directory is
-capped at 2 GiB (least recently used entries go first). The setting is JAX's, so it covers the
+capped at 2 GiB where the `filelock` package is installed (least recently used entries go
+first; without it JAX cannot cap the directory). The setting is JAX's, so it covers the
 user's own programs too while vqlib's cache is the one in use. Entries are keyed by
 the program, the JAX / XLA versions and the flags, so a stale entry is never read. The cache is
 trusted code: keep it in a directory only you can write.
@@ -21,6 +22,7 @@ trusted code: keep it in a directory only you can write.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -57,7 +59,8 @@ def enable_compilation_cache(path=None, *, min_compile_seconds: float = 0.0) -> 
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
-    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    if importlib.util.find_spec("filelock") is not None:  # JAX's size cap needs it (else JAX raises)
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
 
 
