@@ -170,16 +170,24 @@ def test_fast_scan_scores_are_within_the_table_rounding_of_float_adc(data, built
     assert _recall(ids, truth) >= float_recall - 0.03  # measured 0.51 (fast-scan) vs 0.51 (float) when written
 
 
-def test_fast_scan_matches_faiss_fast_scan_on_the_same_codes(data):
+@pytest.mark.parametrize("metric", ["l2", "ip", "cos"])
+def test_fast_scan_matches_faiss_fast_scan_on_the_same_codes(data, metric):
+    """vqlib rounds the tables as faiss's IndexPQFastScan does: the same integer scores; the faiss
+    engine settles ties lowest row first as XLA does, so both engines return the same ids."""
     faiss = pytest.importorskip("faiss")
     x, q = data
-    index = retrieval.build(x, "pqfs", m=16)
-    scores, ids = retrieval.search(index, q, k=10)
+    index = retrieval.build(x, "pqfs", m=16, metric=metric)
+    scores, ids = retrieval.search(index, q, k=10, impl="xla")
     peer = retrieval.to_faiss(index)
-    assert isinstance(peer, faiss.IndexPQFastScan)
-    ref_scores, ref_ids = peer.search(q, 10)
+    assert isinstance(faiss.downcast_index(peer), faiss.IndexPQFastScan)
+    unit = q / np.linalg.norm(q, axis=1, keepdims=True) if metric == "cos" else q
+    ref_scores, ref_ids = peer.search(np.ascontiguousarray(unit, np.float32), 10)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-3)
-    assert (ids == ref_ids).mean() > 0.97  # equal up to ties of the integer scores
+    overlap = np.mean([len(set(a) & set(b)) for a, b in zip(ids, ref_ids, strict=True)]) / 10
+    assert overlap > 0.95  # faiss alone: the same sets but for ties at the 10th place (ip: 97.7% measured)
+    engine_scores, engine_ids = retrieval.search(index, q, k=10, impl="faiss")
+    np.testing.assert_array_equal(engine_ids, ids)
+    np.testing.assert_allclose(engine_scores, scores, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [1, 2])

@@ -7,9 +7,10 @@ codebook and codes, each vector labelled by its row (`to_faiss(label_rows=True)`
 the raw vectors for re-ranking directly), built on first use and kept while the index lives. The
 scores are the same ADC in float32, so results equal the XLA path's up to float rounding and the
 order of equal scores (measured: 99.8-100% of top-10 ids equal, scores within 1e-4); L2 fast-scan
-equals it where faiss's 8-bit table rounding matches vqlib's (flat, or one probed list; with
-several lists faiss also rounds each list's offset: 99.5% equal ids); inner-product fast-scan
-stays with XLA. Re-ranking stays exact in vqlib.
+equals it where faiss's 8-bit table rounding matches vqlib's (flat for every metric, or one
+probed list; with several lists faiss also rounds each list's offset: 99.5% equal ids); IVF
+fast-scan with inner products stays with XLA. Equal scores come back lowest row first, as
+from XLA. Re-ranking stays exact in vqlib.
 
 Memory: the copy holds the index's rows once more (m bytes per vector for PQ, the vectors for
 IVF-Flat). Other codebooks (RVQ, AQ, TurboQuant, RaBitQ, ...) and sharded indexes search with XLA.
@@ -39,9 +40,9 @@ def can_serve(index: Index) -> bool:
         return False
     if index.codebook is not None and index.codebook.centroids.shape[-2] % 8:
         return False  # faiss's SIMD table code asserts ksub % 8 == 0 (seen with 2 dimensions per subspace)
-    # fast-scan: faiss rounds inner-product tables otherwise than vqlib (a third of the top-10 ids
-    # differ on clustered data, measured), so only L2 fast-scan is handed over
-    return not (index.fast_scan and index.metric != "l2")
+    # IVF fast-scan with inner products: faiss's IndexIVFPQFastScan offsets lists by L2 distances
+    # (`to_faiss` refuses it); flat fast-scan rounds its tables as vqlib does, for every metric
+    return not (index.fast_scan and index.metric != "l2" and index.nlist > 1)
 
 
 def _mirror(index: Index):
@@ -68,8 +69,19 @@ def search(index: Index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.n
     with _LOCK:  # nprobe is a field of the shared copy
         if ivf is not None:
             ivf.nprobe = nprobe
-        scores, rows = copy.search(queries, k)
-    return scores, rows.astype(np.int64)
+        # fast-scan's integer scores tie often: with k more results, ties at the k-th place are
+        # settled lowest row first too
+        scores, rows = copy.search(queries, min(2 * k, copy.ntotal) if index.fast_scan else k)
+    scores, rows = _ties_to_lowest_row(scores, rows.astype(np.int64), larger_better=index.metric != "l2")
+    return scores[:, :k], rows[:, :k]
+
+
+def _ties_to_lowest_row(scores: np.ndarray, rows: np.ndarray, *, larger_better: bool):
+    """Each query's results in vqlib's order: by score, equal scores by row (faiss's heaps leave
+    equal inner products highest row first); missing results (-1) stay last."""
+    key = -scores if larger_better else scores
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), key), axis=-1)
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(rows, order, -1)
 
 
 def ids_of(index: Index, rows: np.ndarray) -> np.ndarray:

@@ -88,8 +88,9 @@ def probe_tables(parts: Parts, query, probes, s: Static):
 
     A row of probed list p scores sum_j tables[p, j, code_j] / scale + bias[p] (+ its own stored
     bias). L2: the tables of y = q - c_p; inner product: one table set shared by the lists, and
-    -<q, c_p> in the bias. Fast-scan rounds the tables to integers in [0, 255] with one scale
-    for all of the query's tables (each table's minimum goes to the bias), as faiss does."""
+    -<q, c_p> in the bias. Fast-scan rounds the tables to integers in [0, 255] (negated for inner
+    products) with one scale for all of the query's tables (each table's minimum goes to the
+    bias), as faiss does."""
     cb = parts.codebook
     centres = parts.centroids[probes]  # (P, d)
     if s.l2:
@@ -101,10 +102,16 @@ def probe_tables(parts: Parts, query, probes, s: Static):
         bias = -jnp.matmul(centres, query, precision=_HIGHEST)
     if not s.fast_scan:
         return tables, bias, jnp.float32(1.0)
-    low = jnp.min(tables, axis=-1, keepdims=True)
-    span = jnp.max(tables - low)
+    # faiss's rounding (IndexFastScan::compute_quantized_LUT), so that both engines rank alike: the
+    # tables as faiss holds them (squared distances; inner products, larger better), each minus its
+    # minimum, one scale for all (255 over the largest span), rounded half up
+    sign = 1.0 if s.l2 else -1.0
+    held = sign * tables
+    low = jnp.min(held, axis=-1, keepdims=True)
+    span = jnp.max(held - low)
     scale = 255.0 / jnp.where(span > 0, span, 1.0)
-    return jnp.round((tables - low) * scale), bias + jnp.sum(low[..., 0], axis=-1), scale
+    levels = jnp.floor((held - low) * scale + 0.5)
+    return sign * levels, bias + sign * jnp.sum(low[..., 0], axis=-1), scale
 
 
 def block_scores_tables(tables, codes, scale):
