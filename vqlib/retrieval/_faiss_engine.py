@@ -62,18 +62,35 @@ def _mirror(index: Index):
 
 
 def search(index: Index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (q, k) float32 as faiss orders them, rows (q, k) int64 of `index.data`, -1: none)
-    from the faiss copy."""
+    """(scores (q, k) float32, rows (q, k) int64 of `index.data`, -1: none) from the faiss copy,
+    equal scores lowest row first."""
     copy, ivf = _mirror(index)
     queries = np.ascontiguousarray(queries, np.float32)
+    larger_better = index.metric != "l2"
     with _LOCK:  # nprobe is a field of the shared copy
         if ivf is not None:
             ivf.nprobe = nprobe
-        # fast-scan's integer scores tie often: with k more results, ties at the k-th place are
-        # settled lowest row first too
-        scores, rows = copy.search(queries, min(2 * k, copy.ntotal) if index.fast_scan else k)
-    scores, rows = _ties_to_lowest_row(scores, rows.astype(np.int64), larger_better=index.metric != "l2")
-    return scores[:, :k], rows[:, :k]
+        if not index.fast_scan:
+            scores, rows = copy.search(queries, k)
+            return _ties_to_lowest_row(scores, rows.astype(np.int64), larger_better=larger_better)
+        # fast-scan's integer scores tie often, also at the k-th place, where faiss keeps the
+        # highest rows of a tie: k more results settle most such ties (measured: 0.8x faiss's QPS
+        # against 0.6x for fetching k + 1 and searching the tied queries again); the queries whose
+        # tie runs past them are searched again, deeper, until it ends
+        fetch = min(2 * k, copy.ntotal)
+        scores, rows = copy.search(queries, fetch)
+        scores, rows = [
+            list(a) for a in _ties_to_lowest_row(scores, rows.astype(np.int64), larger_better=larger_better)
+        ]
+        open_ = [i for i in range(len(queries)) if fetch > k and rows[i][-1] >= 0 and scores[i][-1] == scores[i][k - 1]]
+        while open_ and fetch < copy.ntotal:
+            fetch = min(2 * fetch, copy.ntotal)
+            deeper, deeper_rows = copy.search(queries[open_], fetch)
+            deeper, deeper_rows = _ties_to_lowest_row(deeper, deeper_rows.astype(np.int64), larger_better=larger_better)
+            for j, i in enumerate(open_):
+                scores[i], rows[i] = deeper[j], deeper_rows[j]
+            open_ = [i for i in open_ if rows[i][-1] >= 0 and scores[i][-1] == scores[i][k - 1]]
+    return np.stack([a[:k] for a in scores]), np.stack([a[:k] for a in rows])
 
 
 def _ties_to_lowest_row(scores: np.ndarray, rows: np.ndarray, *, larger_better: bool):
