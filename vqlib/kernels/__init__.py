@@ -15,6 +15,8 @@ from vqlib.kernels._assign.dispatch import BACKENDS as _ASSIGN_BACKENDS
 from vqlib.kernels._assign.dispatch import assign as assign
 from vqlib.kernels._assign.dispatch import check_impl as check_impl
 from vqlib.kernels._assign.reference import assign_reference as assign_reference
+from vqlib.kernels._assign.subspaces import BACKENDS as _ASSIGN_SUBSPACES_BACKENDS
+from vqlib.kernels._assign.subspaces import assign_subspaces as assign_subspaces
 from vqlib.kernels._dispatch import Impl as Impl
 from vqlib.kernels._dispatch import faiss_available as faiss_available
 from vqlib.kernels._lut_matmul.dispatch import BACKENDS as _LUT_MATMUL_BACKENDS
@@ -26,7 +28,12 @@ from vqlib.kernels._lut_matmul.weight import dequantize as dequantize
 from vqlib.kernels._lut_matmul.weight import lut_weight as lut_weight
 from vqlib.kernels._nearest_level import nearest_level as nearest_level
 
-BACKENDS = {"assign": _ASSIGN_BACKENDS, "adc_topk": _ADC_TOPK_BACKENDS, "lut_matmul": _LUT_MATMUL_BACKENDS}
+BACKENDS = {
+    "assign": _ASSIGN_BACKENDS,
+    "assign_subspaces": _ASSIGN_SUBSPACES_BACKENDS,
+    "adc_topk": _ADC_TOPK_BACKENDS,
+    "lut_matmul": _LUT_MATMUL_BACKENDS,
+}
 
 
 def backend(op: str, impl: str):
