@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--only", choices=("pq", "opq", "rvq", "aq"), help="run one quantizer's rows")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "codebooks_cpu.json"))
+    parser.add_argument("--out", help="results JSON (default results/codebooks_cpu.json; with --only X, _X.json)")
     args = parser.parse_args()
     n = args.n or (20_000 if args.quick else 100_000)
     d = 64 if args.quick else 128
@@ -140,7 +140,8 @@ def main() -> None:
         )
     else:
         print(f"(GloVe skipped: {GLOVE} not found)")
-    out = pathlib.Path(args.out)
+    name = "codebooks_cpu" if args.only is None else f"codebooks_cpu_{args.only}"  # a partial run keeps the full one
+    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpu=describe(), n=n, d=d)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
