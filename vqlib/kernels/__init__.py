@@ -14,6 +14,7 @@ from vqlib.kernels._argmin import first_argmin as first_argmin
 from vqlib.kernels._assign.dispatch import BACKENDS as _ASSIGN_BACKENDS
 from vqlib.kernels._assign.dispatch import assign as assign
 from vqlib.kernels._assign.dispatch import check_impl as check_impl
+from vqlib.kernels._assign.dispatch import fitting_impl as fitting_impl
 from vqlib.kernels._assign.reference import assign_reference as assign_reference
 from vqlib.kernels._assign.subspaces import BACKENDS as _ASSIGN_SUBSPACES_BACKENDS
 from vqlib.kernels._assign.subspaces import assign_subspaces as assign_subspaces

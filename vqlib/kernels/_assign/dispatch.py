@@ -24,6 +24,16 @@ def prefer_faiss(x, centroids) -> bool:
     return False
 
 
+def fitting_impl(dim: int) -> str:
+    """The `assign` backend for fitting codebooks of `dim`-dimensional points (nothing is
+    differentiated through a fit): faiss on CPU for thin points (dim <= 16), where XLA:CPU's
+    short dots lose to faiss's loops (PQ training, 100,000 x 128 in 16 subspaces of 256
+    centroids on a 2-core Xeon: 7.0 s against 10.1-10.6 s, the same codebook), else "auto".
+    `prefer_faiss` stays off for `assign` in general: the faiss backend carries no gradient."""
+    thin = dim <= 16 and _dispatch.platform() == "cpu" and _dispatch.faiss_available()
+    return "faiss" if thin else "auto"
+
+
 def prefer_pallas(x, centroids) -> bool:
     """Where "auto" uses the device's Pallas kernel. On a GPU only for 16-bit inputs: float32 at
     full precision has no tensor-core path in Triton (measured on an H200, jax 0.11.2, n = 1M,
