@@ -1,7 +1,7 @@
 """Compressed KV caches on a real checkpoint: WikiText-2 perplexity and bytes per token, one process.
 
     python benchmarks/llm_kv.py                       # every row, the first 8 windows of 1,024 tokens
-    python benchmarks/llm_kv.py --rows float,kivi-2 --windows 40
+    python benchmarks/llm_kv.py --rows float,kivi-2 --windows 40   # rows already run: ppl_40 added
     python benchmarks/llm_kv.py --decode 1024,8192   # also decode ms per token at those contexts
     python benchmarks/llm_kv.py --retime --rows float,pq-4 --decode 8192   # decode times only, again
 
@@ -104,6 +104,18 @@ def retime(row: dict, model, test_ids, decode: tuple[int, ...]) -> dict:
     return row
 
 
+def add_windows(row: dict, model, test_ids, windows: int) -> dict:
+    """A finished row's perplexity on another number of windows, kept beside its own as
+    `ppl_<windows>` (the row's first figures, decode times included, stay as they were)."""
+    cache = build(row["row"], model)
+    start = time.perf_counter()
+    ppl = vqlib.llm.perplexity(model, test_ids, kv_cache=cache, ctx=CTX, max_windows=windows, progress=True)
+    row = dict(row, **{f"ppl_{windows}": ppl, f"ppl_{windows}_seconds": round(time.perf_counter() - start, 1)})
+    row[f"ppl_{windows}_load_average"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def run_row(name: str, model, test_ids, windows: int, decode: tuple[int, ...] = ()) -> dict:
     method, bits, options = ROWS[name]
     row = dict(row=name, method=method, bits=bits, cpu=describe(), date=datetime.date.today().isoformat())
@@ -129,8 +141,13 @@ def decode_column(row: dict) -> str:
     return " / ".join("-" if t is None else f"{t:.0f}" for t in times)
 
 
+def vs_float(ppl, base) -> str:
+    return f"{100 * (ppl / base - 1):+.1f}%" if ppl and base else "-"
+
+
 def table(rows: list[dict]) -> str:
     base = next((r["ppl"] for r in rows if r["method"] == "float"), None)
+    base40 = next((r.get("ppl_40") for r in rows if r["method"] == "float"), None)
     return markdown_table(
         rows,
         [
@@ -140,6 +157,8 @@ def table(rows: list[dict]) -> str:
             ("of fp16", lambda r: f"{r['float16_fraction']:.3f}"),
             ("ppl", lambda r: f"{r['ppl']:.3f}"),
             ("vs float", lambda r: f"{100 * (r['ppl'] / base - 1):+.1f}%" if base else "-"),
+            ("ppl (40 windows)", lambda r: f"{r['ppl_40']:.3f}" if "ppl_40" in r else "-"),
+            ("vs float (40)", lambda r: vs_float(r.get("ppl_40"), base40)),
             ("make s", lambda r: f"{r['make_seconds']:.0f}"),
             ("ppl s", lambda r: f"{r['ppl_seconds']:.0f}"),
             ("decode ms/token at 1,024 / 8,192", decode_column),
@@ -171,6 +190,10 @@ def main() -> None:
             continue
         timed = all(f"decode_ms_{c}" in done.get(name, {}) for c in decode)
         if name in done and not args.redo and done[name].get("windows") == args.windows and timed:
+            continue
+        if name in done and not args.redo and not decode and done[name].get("windows") != args.windows:
+            if f"ppl_{args.windows}" not in done[name]:
+                done = save_row(store, name, add_windows(done[name], model, test_ids, args.windows))
             continue
         done = save_row(store, name, run_row(name, model, test_ids, args.windows, decode))
     print(table([done[n] for n in ROWS if n in done]))
