@@ -78,6 +78,8 @@ def assign_subspaces_xla(x, centroids):
     tiled assignments, whose dots are too thin for the matrix units, and than jnp.argmin)."""
     m, k, dsub = centroids.shape
     n = x.shape[0]
+    if n == 0:
+        return jnp.zeros((0, m), jnp.int32)
     chunk = min(n, max(1, 2**22 // (m * k)))  # (m, chunk, k) scores: 16 MB
     c32 = centroids.astype(jnp.float32)
     norms = jnp.sum(c32 * c32, axis=-1)[:, None, :]  # (m, 1, k)
