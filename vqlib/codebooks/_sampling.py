@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from vqlib import _checks
@@ -15,5 +17,11 @@ def training_sample(key, x, w, k: int, max_points_per_centroid: int | None):
     size = k * _checks.check_int(max_points_per_centroid, "max_points_per_centroid", low=1)
     if x.shape[0] <= size:
         return x, w
+    return _sample(key, x, w, size)
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _sample(key, x, w, size: int):
+    """`size` rows of x (and w) without replacement, as one program."""
     rows = jax.random.choice(key, x.shape[0], (size,), replace=False)
     return x[rows], None if w is None else w[rows]

@@ -27,6 +27,7 @@ its R best candidates exactly (faiss's IndexRefineFlat).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -150,11 +151,17 @@ def prepare(x, metric: str, name: str = "x"):
     """Validated float32 (n, d) vectors; unit rows for "cos" (a zero row is refused)."""
     x = _checks.check_float_array(x, name, ndim=2, vectors=True).astype(jnp.float32)
     if metric == "cos":
-        norms = jnp.linalg.norm(x, axis=1, keepdims=True)
-        if _checks.is_concrete(x) and bool(jnp.any(norms == 0)):
+        x, has_zero = _unit_rows(x)
+        if _checks.is_concrete(x) and bool(has_zero):
             raise ValueError(f"{name} has zero vectors, which have no cosine; drop them or use metric='ip'")
-        x = x / norms
     return x
+
+
+@jax.jit
+def _unit_rows(x):
+    """x with unit rows, and whether a row was zero (one program)."""
+    norms = jnp.linalg.norm(x, axis=1, keepdims=True)
+    return x / norms, jnp.any(norms == 0)
 
 
 def _check_ids(ids, n: int, existing: np.ndarray) -> np.ndarray:
@@ -197,15 +204,30 @@ def _assign_lists(centroids, x):
     return assign(x, centroids)[0].astype(jnp.int32)
 
 
-def _encode_rows(index: Index, x, lists):
-    """(n, d) vectors in lists -> ((n, w) rows of `data`, (n,) bias or None)."""
-    if index.codebook is None:
-        return x, None
-    t = codebook_type(index.codebook)
-    codes = t.encode(index.codebook, x - index.centroids[lists])
+@functools.partial(jax.jit, static_argnames=("bits", "with_bias"))
+def _encode_chunk(codebook, centroids, x, *, bits: int, with_bias: bool):
+    """(n, d) vectors -> lists (n,), codes (n, w) int32, rows of `data` and biases (or None): one
+    compiled program per chunk shape (eagerly, each step was a program of its own: a fresh
+    process spent most of a small build tracing and loading them)."""
+    lists = _assign_lists(centroids, x)
+    if codebook is None:
+        return lists, None, x, None
+    t = codebook_type(codebook)
+    codes = t.encode(codebook, x - centroids[lists])
     codes = codes[:, None] if t.scalar_codes else codes
-    bias = table_bias(index.codebook, codes) if index.bias is not None else None
-    return pack_codes(codes, pack_bits(index)), bias
+    bias = table_bias(codebook, codes) if with_bias else None
+    return lists, codes, pack_codes(codes, bits), bias
+
+
+def _encode_rows(index: Index, x):
+    """(n, d) vectors -> ((n,) lists, (n, w) rows of `data`, (n,) bias or None); the codes are
+    checked in range on the host (packing under jit cannot check them)."""
+    lists, codes, rows, bias = _encode_chunk(
+        index.codebook, index.centroids, x, bits=pack_bits(index), with_bias=index.bias is not None
+    )
+    if codes is not None:
+        _checks.check_codes(np.asarray(codes), 2 ** pack_bits(index), name="codes (packed into the index)")
+    return lists, rows, bias
 
 
 def _encode_all(index: Index, x, *, show: bool):
@@ -213,9 +235,7 @@ def _encode_all(index: Index, x, *, show: bool):
     lists, rows, biases = [], [], []
     chunks = range(0, x.shape[0], _ENCODE_CHUNK)
     for start in progress_bar(chunks, total=len(chunks), desc="encoding", enabled=show):
-        part = x[start : start + _ENCODE_CHUNK]
-        part_lists = _assign_lists(index.centroids, part)
-        part_rows, part_bias = _encode_rows(index, part, part_lists)
+        part_lists, part_rows, part_bias = _encode_rows(index, x[start : start + _ENCODE_CHUNK])
         lists.append(part_lists)
         rows.append(part_rows)
         biases.append(part_bias)
@@ -261,8 +281,13 @@ def _train(key, x, method: str, *, nlist: int, train_size, max_iter: int, option
         centroids = fit_kmeans(k_coarse, x, k=nlist, max_iter=max_iter, tol=0.0).centroids
     if method == "flat":
         return centroids, None
-    residuals = x - centroids[_assign_lists(centroids, x)]
-    return centroids, fit(residuals, method, key=k_codes, **options)
+    return centroids, fit(_residuals(centroids, x), method, key=k_codes, **options)
+
+
+@jax.jit
+def _residuals(centroids, x):
+    """x minus its nearest coarse centroid (one program)."""
+    return x - centroids[_assign_lists(centroids, x)]
 
 
 def build(

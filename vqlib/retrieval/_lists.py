@@ -7,6 +7,9 @@ sharded index.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,9 +39,14 @@ def take_rows(column, source: np.ndarray, fill=0):
         return None
     if isinstance(column, np.ndarray):
         return np.where((source >= 0).reshape(-1, *[1] * (column.ndim - 1)), column[np.maximum(source, 0)], fill)
-    rows = jnp.asarray(np.maximum(source, 0))
-    keep = jnp.asarray(source >= 0).reshape(-1, *[1] * (column.ndim - 1))
-    return jnp.where(keep, column[rows], jnp.asarray(fill, column.dtype))
+    return _take(column, jnp.asarray(source, jnp.int32), fill)
+
+
+@functools.partial(jax.jit, static_argnames="fill")
+def _take(column, source, fill):
+    """column[source] with `fill` where source is -1, as one program."""
+    keep = (source >= 0).reshape(-1, *[1] * (column.ndim - 1))
+    return jnp.where(keep, column[jnp.maximum(source, 0)], jnp.asarray(fill, column.dtype))
 
 
 def row_lists(offsets, n: int):
