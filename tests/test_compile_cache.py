@@ -40,9 +40,37 @@ def test_a_second_process_reads_compiled_programs_from_the_cache(tmp_path):
     assert second["codes"] == first["codes"]
 
 
-def test_the_default_cache_yields_to_the_users_choice(tmp_path):
-    assert _run({"VQLIB_COMPILATION_CACHE": str(tmp_path / "mine")})["dir"] == str(tmp_path / "mine")
-    assert _run({"VQLIB_COMPILATION_CACHE": "off"})["dir"] is None
-    theirs = str(tmp_path / "theirs")
-    assert _run({"JAX_COMPILATION_CACHE_DIR": theirs})["dir"] == theirs  # JAX's own setting wins
-    assert _run({"XDG_CACHE_HOME": str(tmp_path / "xdg")})["dir"] == str(tmp_path / "xdg" / "vqlib" / "jax")
+def test_the_default_cache_yields_to_the_users_choice(tmp_path, monkeypatch):
+    """`import vqlib`'s choice, in this process (whose JAX already decided on its cache at its first
+    compilation, so the settings made here change nothing for the other tests; restored anyway)."""
+    import jax
+
+    from vqlib import _compile_cache
+
+    before = {name: getattr(jax.config, name) for name in CONFIG}
+
+    def choice(**env):
+        for name in ("VQLIB_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        jax.config.update("jax_compilation_cache_dir", None)
+        return _compile_cache.enable_by_default()
+
+    try:
+        assert choice(VQLIB_COMPILATION_CACHE=str(tmp_path / "mine")) == tmp_path / "mine"
+        assert (tmp_path / "mine").is_dir() and jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+        assert choice(VQLIB_COMPILATION_CACHE="off") is None
+        assert choice(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "theirs")) is None  # JAX's own setting wins
+        assert choice(XDG_CACHE_HOME=str(tmp_path / "xdg")) == tmp_path / "xdg" / "vqlib" / "jax"
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+
+
+CONFIG = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_compilation_cache_max_size",
+)
