@@ -52,11 +52,17 @@ def test_ties_go_to_the_lowest_index(impl):
 
 
 def test_auto_equals_xla_and_pq_encodes_through_it():
+    """ "auto" hands large encodings to faiss on CPU (from 2**22 distances per subspace) and small
+    ones to XLA; both give XLA's codes, and `vqlib.encode` of a PQ codebook goes through it."""
+    from vqlib.kernels._assign.subspaces import prefer_faiss
+
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2000, 32)).astype(np.float32)
-    cb = vqlib.fit(x, "pq", m=8, k=16)
-    auto = np.asarray(vqlib.encode(cb, x))
-    np.testing.assert_array_equal(auto, np.asarray(assign_subspaces(x, cb.centroids, impl="xla")))
+    x = rng.normal(size=(16384, 16)).astype(np.float32)
+    c = rng.normal(size=(2, 256, 8)).astype(np.float32)
+    assert prefer_faiss(x, c) and not prefer_faiss(x[:100], c)
+    np.testing.assert_array_equal(np.asarray(assign_subspaces(x, c)), np.asarray(assign_subspaces(x, c, impl="xla")))
+    cb = vqlib.codebooks.ProductCodebook(jnp.asarray(c))
+    np.testing.assert_array_equal(np.asarray(vqlib.encode(cb, x)), np.asarray(assign_subspaces(x, c, impl="xla")))
 
 
 def test_faiss_backend_inside_jit_vmap_and_grad():
@@ -85,15 +91,16 @@ def test_bad_shapes_name_the_argument():
 
 
 def test_pq_fit_chooses_faiss_on_cpu_and_trains_as_well():
-    """PQ's (and OPQ's) k-means assignments go to faiss on CPU; Lloyd from the same seeds reaches the
+    """Large PQ (and OPQ) fits assign with faiss on CPU; Lloyd from the same seeds reaches the
     same error (near-ties may send the two trajectories apart: the centroids themselves can differ)."""
     pytest.importorskip("faiss")
-    assert vqlib.kernels.fitting_impl(8) == ("faiss" if jax.default_backend() == "cpu" else "auto")
-    assert vqlib.kernels.fitting_impl(64) == "auto"
+    assert vqlib.kernels.fitting_impl(8, 65536, 256) == ("faiss" if jax.default_backend() == "cpu" else "auto")
+    assert vqlib.kernels.fitting_impl(64, 65536, 256) == "auto"
+    assert vqlib.kernels.fitting_impl(8, 4096, 16) == "auto"  # small: XLA's cached program
     x = np.random.default_rng(2).normal(size=(1500, 16)).astype(np.float32)
 
     def mse(cb):
         return float(np.mean(np.sum((np.asarray(vqlib.decode(cb, vqlib.encode(cb, x))) - x) ** 2, axis=1)))
 
-    auto = mse(vqlib.fit(x, "pq", m=4, k=16, max_iter=10))
-    assert auto == pytest.approx(mse(vqlib.fit(x, "pq", m=4, k=16, max_iter=10, impl="xla")), rel=0.01)
+    faiss_fit = mse(vqlib.fit(x, "pq", m=4, k=16, max_iter=10, impl="faiss"))
+    assert faiss_fit == pytest.approx(mse(vqlib.fit(x, "pq", m=4, k=16, max_iter=10, impl="xla")), rel=0.01)

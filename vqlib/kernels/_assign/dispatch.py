@@ -24,14 +24,16 @@ def prefer_faiss(x, centroids) -> bool:
     return False
 
 
-def fitting_impl(dim: int) -> str:
-    """The `assign` backend for fitting codebooks of `dim`-dimensional points (nothing is
-    differentiated through a fit): faiss on CPU for thin points (dim <= 16), where XLA:CPU's
-    short dots lose to faiss's loops (PQ training, 100,000 x 128 in 16 subspaces of 256
-    centroids on a 2-core Xeon: 7.0 s against 10.1-10.6 s, the same codebook), else "auto".
-    `prefer_faiss` stays off for `assign` in general: the faiss backend carries no gradient."""
-    thin = dim <= 16 and _dispatch.platform() == "cpu" and _dispatch.faiss_available()
-    return "faiss" if thin else "auto"
+def fitting_impl(dim: int, n: int, k: int) -> str:
+    """The `assign` backend for fitting k centroids to n points of `dim` dimensions (nothing is
+    differentiated through a fit): faiss on CPU for thin points (dim <= 16) and n * k >= 2**22,
+    where XLA:CPU's short dots lose to faiss's loops (PQ training, 100,000 x 128 in 16 subspaces
+    of 256 centroids on a 2-core Xeon: 7.0 s against 10.1-10.6 s, the same codebook), else
+    "auto". Smaller fits stay with XLA: a program holding faiss's host callback is compiled again
+    in every process (JAX's persistent cache does not keep it). `prefer_faiss` stays off for
+    `assign` in general: the faiss backend carries no gradient."""
+    big = dim <= 16 and n * k >= 2**22
+    return "faiss" if big and _dispatch.platform() == "cpu" and _dispatch.faiss_available() else "auto"
 
 
 def prefer_pallas(x, centroids) -> bool:
