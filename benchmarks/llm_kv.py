@@ -107,11 +107,14 @@ def retime(row: dict, model, test_ids, decode: tuple[int, ...]) -> dict:
 def add_windows(row: dict, model, test_ids, windows: int) -> dict:
     """A finished row's perplexity on another number of windows, kept beside its own as
     `ppl_<windows>` (the row's first figures, decode times included, stay as they were)."""
+    start = time.perf_counter()
     cache = build(row["row"], model)
+    make_seconds = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
     ppl = vqlib.llm.perplexity(model, test_ids, kv_cache=cache, ctx=CTX, max_windows=windows, progress=True)
     row = dict(row, **{f"ppl_{windows}": ppl, f"ppl_{windows}_seconds": round(time.perf_counter() - start, 1)})
     row[f"ppl_{windows}_load_average"] = round(os.getloadavg()[0], 2)
+    row[f"ppl_{windows}_make_seconds"] = make_seconds  # the cache (its codebooks fitted) made again
     print(json.dumps(row), flush=True)
     return row
 
