@@ -231,12 +231,6 @@ def linear(x: jax.Array, w, *, impl: str = "auto") -> jax.Array:
     return y.reshape(*lead, y.shape[-1])
 
 
-def _decoded(lut: LUTWeight) -> jax.Array:
-    """The float32 (out, in) weight of a LUTWeight, through the public kernel: I W^T = W^T."""
-    n_in = lut.shape[1]
-    return lut_matmul(jnp.eye(n_in, dtype=jnp.float32), lut).T
-
-
 def dense(w) -> jax.Array:
     """The float32 (out, in) matrix a weight stands for: W = linear(I, W)^T, through the same
     kernels a forward pass uses (a float array passes through as float32).
@@ -256,12 +250,12 @@ def decode_rows(w, rows: jax.Array) -> jax.Array:
     """Rows `rows` (n,) of W as float32 (n, in): an embedding lookup that decodes only those rows."""
     if isinstance(w, LUTWeight):
         codebooks = w.codebooks[rows] if w.kind == "scalar" else w.codebooks
-        return _decoded(dataclasses.replace(w, codes=w.codes[:, rows], codebooks=codebooks, scales=w.scales[rows]))
+        return dense(dataclasses.replace(w, codes=w.codes[:, rows], codebooks=codebooks, scales=w.scales[rows]))
     if isinstance(w, CompressedWeight):
         if w.rotation_out is not None:
             raise ValueError("an embedding cannot have an output-side rotation: it mixes rows; compress it without one")
         n_in = w.shape[1]
-        out = sum(_decoded(p.take_rows(rows).lut_weight())[:, :n_in] for p in w.parts)
+        out = sum(dense(p.take_rows(rows).lut_weight())[:, :n_in] for p in w.parts)
         return out if w.rotation_in is None else unrotate(w.rotation_in.rotation(), out)
     return jnp.take(w, rows, axis=0).astype(jnp.float32)
 

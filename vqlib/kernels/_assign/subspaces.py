@@ -12,8 +12,6 @@ distances per subspace (`prefer_faiss`).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,7 +107,7 @@ def _host_codes(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         return np.stack([_host_codes(a, c) for a, c in zip(x, centroids, strict=True)])
     m, k, dsub = centroids.shape
     x = np.ascontiguousarray(x, np.float32)
-    if k == 256:  # one byte per code: faiss's own PQ encoder, one SIMD pass per vector (1.8x faiss.knn)
+    if k == 256:  # one byte per code: faiss's own PQ encoder (benchmark: 303k vectors/s against 280k by knn)
         pq = faiss.ProductQuantizer(m * dsub, m, 8)
         faiss.copy_array_to_vector(np.ascontiguousarray(centroids, np.float32).ravel(), pq.centroids)
         return pq.compute_codes(x).astype(np.int32)
@@ -121,12 +119,12 @@ def _host_codes(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def assign_subspaces_faiss(x, centroids):
-    """faiss's exhaustive L2 search per subspace on the host (faiss keeps the first minimum it
-    meets, scanning centroids in order: ties to the lowest index). The codes carry no gradient."""
+    """faiss's exhaustive L2 search per subspace on the host (`faiss.knn` keeps the first minimum it
+    meets, scanning centroids in order: ties to the lowest index; the tie test covers it, not the
+    ProductQuantizer path of 256 centroids). The codes carry no gradient."""
     shape = jax.ShapeDtypeStruct((x.shape[0], centroids.shape[0]), jnp.int32)
-    host = functools.partial(_host_codes)
     return jax.pure_callback(
-        host,
+        _host_codes,
         shape,
         lax.stop_gradient(x).astype(jnp.float32),
         lax.stop_gradient(centroids).astype(jnp.float32),
