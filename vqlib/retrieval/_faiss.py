@@ -165,7 +165,7 @@ def to_faiss(index: Index, *, label_rows: bool = False):
         >>> exported.search(x[:2], 1)[1].tolist()
         [[0], [1]]
     """
-    faiss = _faiss()
+    _faiss()  # a clear error first where faiss-cpu is missing
     if not isinstance(index, Index):
         raise TypeError(f"index must be a vqlib.retrieval.Index, got {type(index).__name__}")
     cb = index.codebook
@@ -179,6 +179,14 @@ def to_faiss(index: Index, *, label_rows: bool = False):
             "offsets, so an exported ivf fast-scan index with metric ip / cos would return wrong neighbours; "
             "build it with fast_scan=False to export it as an IndexIVFPQ"
         )
+    return faiss_copy(index, label_rows=label_rows)
+
+
+def faiss_copy(index: Index, *, label_rows: bool):
+    """`to_faiss` without its refusal: an IVF fast-scan copy with inner products is right only
+    when searched with vqlib's probes and list offsets (the search engine's `search_preassigned`)."""
+    faiss = _faiss()
+    cb = index.codebook
     d = index.dim
     metric = faiss.METRIC_L2 if index.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     keep = np.flatnonzero(np.asarray(index.live))

@@ -3,14 +3,16 @@
 XLA:CPU runs table lookups as generic gathers (about 1 ns each) where faiss's scanners run SIMD
 loops over the same codes, so on CPU `search` hands raw-vector and PQ indexes (IVF or flat,
 fast-scan included, OPQ in front) to a faiss copy of the index: the same coarse centroids,
-codebook and codes, each vector labelled by its row (`to_faiss(label_rows=True)`: results index
+codebook and codes, each vector labelled by its row (as `to_faiss(label_rows=True)`: results index
 the raw vectors for re-ranking directly), built on first use and kept while the index lives. The
 scores are the same ADC in float32, so results equal the XLA path's up to float rounding and the
 order of equal scores (measured: 99.8-100% of top-10 ids equal, scores within 1e-4); L2 fast-scan
 equals it where faiss's 8-bit table rounding matches vqlib's (flat for every metric, or one
-probed list; with several lists faiss also rounds each list's offset: 99.5% equal ids); IVF
-fast-scan with inner products stays with XLA. Equal scores come back lowest row first, as
-from XLA. Re-ranking stays exact in vqlib.
+probed list; with several lists faiss also rounds each list's offset: 99.5% equal ids). IVF
+fast-scan with inner products goes through `search_preassigned`: vqlib's probes (nearest
+centroids by L2) with <q, c> as each list's offset (faiss's own search would offset the lists by
+its coarse quantizer's L2 distances); faiss rounds those offsets too (98-99% equal ids). Equal
+scores come back lowest row first, as from XLA. Re-ranking stays exact in vqlib.
 
 Memory: the copy holds the index's rows once more (m bytes per vector for PQ, the vectors for
 IVF-Flat). Other codebooks (RVQ, AQ, TurboQuant, RaBitQ, ...) and sharded indexes search with XLA.
@@ -25,7 +27,7 @@ import numpy as np
 
 from vqlib.codebooks import ProductCodebook
 from vqlib.kernels import faiss_available
-from vqlib.retrieval._faiss import to_faiss
+from vqlib.retrieval._faiss import faiss_copy
 from vqlib.retrieval._index import Index
 
 _MIRRORS: dict[int, tuple] = {}  # id(index) -> (faiss index labelled by row, its IVF part or None)
@@ -38,14 +40,17 @@ def can_serve(index: Index) -> bool:
         return False
     if index.codebook is not None and not isinstance(index.codebook, ProductCodebook):
         return False
-    if index.codebook is not None and index.codebook.centroids.shape[-2] % 8:
-        return False  # faiss's SIMD table code asserts ksub % 8 == 0 (seen with 2 dimensions per subspace)
-    # IVF fast-scan with inner products: faiss's IndexIVFPQFastScan offsets lists by L2 distances
-    # (`to_faiss` refuses it); flat fast-scan rounds its tables as vqlib does, for every metric
-    return not (index.fast_scan and index.metric != "l2" and index.nlist > 1)
+    # faiss's SIMD table code asserts ksub % 8 == 0 (seen with 2 dimensions per subspace)
+    return index.codebook is None or index.codebook.centroids.shape[-2] % 8 == 0
+
+
+def _preassigned(index: Index) -> bool:
+    """IVF fast-scan with inner products: searched with vqlib's probes and list offsets."""
+    return index.fast_scan and index.nlist > 1 and index.metric != "l2"
 
 
 def _mirror(index: Index):
+    """(faiss copy, its IVF part or None, coarse centroids as the IVF part sees them or None)."""
     key = id(index)
     with _LOCK:
         found = _MIRRORS.get(key)
@@ -53,8 +58,10 @@ def _mirror(index: Index):
             return found
     import faiss
 
-    copy = to_faiss(index, label_rows=True)
-    entry = (copy, faiss.try_extract_index_ivf(copy))
+    copy = faiss_copy(index, label_rows=True)
+    ivf = faiss.try_extract_index_ivf(copy)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) if _preassigned(index) else None
+    entry = (copy, ivf, centroids)
     with _LOCK:
         _MIRRORS[key] = entry
     weakref.finalize(index, _MIRRORS.pop, key, None)
@@ -64,33 +71,54 @@ def _mirror(index: Index):
 def search(index: Index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores (q, k) float32, rows (q, k) int64 of `index.data`, -1: none) from the faiss copy,
     equal scores lowest row first."""
-    copy, ivf = _mirror(index)
+    copy, ivf, centroids = _mirror(index)
     queries = np.ascontiguousarray(queries, np.float32)
     larger_better = index.metric != "l2"
     with _LOCK:  # nprobe is a field of the shared copy
         if ivf is not None:
             ivf.nprobe = nprobe
+        run = _searcher(copy, ivf, centroids, queries, nprobe)
         if not index.fast_scan:
-            scores, rows = copy.search(queries, k)
+            scores, rows = run(slice(None), k)
             return _ties_to_lowest_row(scores, rows.astype(np.int64), larger_better=larger_better)
         # fast-scan's integer scores tie often, also at the k-th place, where faiss keeps the
         # highest rows of a tie: k more results settle most such ties (measured: 0.8x faiss's QPS
         # against 0.6x for fetching k + 1 and searching the tied queries again); the queries whose
         # tie runs past them are searched again, deeper, until it ends
         fetch = min(2 * k, copy.ntotal)
-        scores, rows = copy.search(queries, fetch)
+        scores, rows = run(slice(None), fetch)
         scores, rows = [
             list(a) for a in _ties_to_lowest_row(scores, rows.astype(np.int64), larger_better=larger_better)
         ]
         open_ = [i for i in range(len(queries)) if fetch > k and rows[i][-1] >= 0 and scores[i][-1] == scores[i][k - 1]]
         while open_ and fetch < copy.ntotal:
             fetch = min(2 * fetch, copy.ntotal)
-            deeper, deeper_rows = copy.search(queries[open_], fetch)
+            deeper, deeper_rows = run(np.asarray(open_), fetch)
             deeper, deeper_rows = _ties_to_lowest_row(deeper, deeper_rows.astype(np.int64), larger_better=larger_better)
             for j, i in enumerate(open_):
                 scores[i], rows[i] = deeper[j], deeper_rows[j]
             open_ = [i for i in open_ if rows[i][-1] >= 0 and scores[i][-1] == scores[i][k - 1]]
     return np.stack([a[:k] for a in scores]), np.stack([a[:k] for a in rows])
+
+
+def _searcher(copy, ivf, centroids, queries: np.ndarray, nprobe: int):
+    """`run(picked, k)`: the faiss copy's top k of queries[picked] (an index array or a slice).
+    IVF inner products: each query's nprobe nearest lists by L2 (as vqlib probes) with <q, c> as
+    the list's offset, through faiss's search_preassigned; the queries pass the copy's OPQ
+    rotation first, as its IVF part sees them."""
+    if centroids is None:
+        return lambda picked, k: copy.search(np.ascontiguousarray(queries[picked]), k)
+    import faiss
+
+    rotated = copy.chain.at(0).apply(queries) if isinstance(copy, faiss.IndexPreTransform) else queries  # OPQ
+    _, probes = ivf.quantizer.search(rotated, nprobe)
+    offsets = np.einsum("qd,qpd->qp", rotated, centroids[probes]).astype(np.float32)
+
+    def run(picked, k: int):
+        q, p, o = (np.ascontiguousarray(a[picked]) for a in (rotated, probes, offsets))
+        return ivf.search_preassigned(q, k, p, o)
+
+    return run
 
 
 def _ties_to_lowest_row(scores: np.ndarray, rows: np.ndarray, *, larger_better: bool):

@@ -91,7 +91,7 @@ def _use_faiss(index: Index, impl: str) -> bool:
         if not _faiss_engine.can_serve(index):
             raise ValueError(
                 f"impl='faiss' cannot search this index ({index.kind}, metric {index.metric}): faiss-cpu holds raw "
-                "and PQ indexes of 8k centroids per subspace (not IVF fast-scan with ip / cos); "
+                "and PQ indexes of 8k centroids per subspace; "
                 "use impl='xla' or 'auto'"
             )
         return True
