@@ -11,7 +11,7 @@ def _reference(x, levels):
     return np.argmin(dist, axis=-1)  # numpy's argmin keeps the first (lowest) index on ties
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 16, 64])
+@pytest.mark.parametrize("k", [1, 2, 5, 16, 64, 65, 200])  # unrolled up to 64 boundaries, summed beyond
 def test_nearest_level_is_the_argmin_distance(k):
     rng = np.random.default_rng(k)
     levels = np.sort(rng.standard_normal(k)).astype(np.float32)
