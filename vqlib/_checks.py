@@ -29,11 +29,14 @@ def check_float_array(x, name: str, *, ndim: int | None = None, vectors: bool = 
     check_float_dtype(x, name)
     if ndim is not None:
         check_rank(x, ndim, name, "; reshape it to (n, d) or use jax.vmap for a batch of problems" if ndim == 2 else "")
-    narrowed = isinstance(x, np.ndarray) and x.dtype != jax.dtypes.canonicalize_dtype(x.dtype)
-    if narrowed:  # checked before the cast (float64 1e300 would become inf in float32)
+    # numpy arrays are checked before the cast (float64 1e300 would become inf in float32), and
+    # small ones on the host (a compiled reduction costs more than it saves below ~1M entries);
+    # the others after the copy, by one compiled reduction where they live
+    on_host = isinstance(x, np.ndarray) and (x.dtype != jax.dtypes.canonicalize_dtype(x.dtype) or x.size <= 2**20)
+    if on_host:
         _check_values(x, name, vectors)
     out = to_jax(x)
-    if not narrowed:  # checked where it lives
+    if not on_host:
         _check_values(out, name, vectors)
     return out
 
