@@ -242,3 +242,14 @@ def test_fit_is_invariant_to_point_order(seed):
     a = vqlib.fit(x, "kmeans", k=6, init=init, max_iter=8, tol=0.0)
     b = vqlib.fit(x[perm], "kmeans", k=6, init=init, max_iter=8, tol=0.0)
     np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 127, 128, 20_000, 65_537])
+def test_blocked_cumsum_equals_float64_cumsum(n):
+    """k-means++'s D^2 sampling reads a cumulative sum (blocked as matrix products for speed):
+    within float32 rounding of the float64 running total, and non-decreasing, as searchsorted needs."""
+    v = np.random.default_rng(n).random(n).astype(np.float32)
+    got = np.asarray(vqlib.codebooks._kmeans._blocked_cumsum(jnp.asarray(v)))
+    want = np.cumsum(v.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * want[-1])
+    assert np.all(np.diff(got) >= 0)

