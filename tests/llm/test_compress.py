@@ -10,6 +10,7 @@ import pytest
 import vqlib
 import vqlib.llm
 from vqlib.llm import CompressedWeight, LlamaConfig, Model, forward, init_params, perplexity
+from vqlib.llm._common import fit_centroids
 from vqlib.llm._compress import bits_per_weight, compress, method_module, weight_count
 from vqlib.llm._gptq import layer_loss
 from vqlib.llm._weights import dense, stored_bits
@@ -195,3 +196,23 @@ def test_truncated_or_tampered_file(tiny, tmp_path):
     vqlib.save(tmp_path / "cb.vq", vqlib.fit(np.eye(4, dtype=np.float32), "kmeans", k=2))
     with pytest.raises(ValueError, match="not a vqlib.llm Model"):
         vqlib.llm.load(tmp_path / "cb.vq")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_codebook_sample_keeps_an_outlying_weight(seed):
+    """GPTVQ fits its codebooks to a sample of the pieces; a uniform sample dropped a lone outlier
+    (one weight at 100x the rest) in 2 of these 4 draws, and the outlier then had no centroid near
+    it. The sample now always holds the pieces of largest weighted energy."""
+    rng = np.random.default_rng(seed)
+    points = rng.standard_normal((40_000, 2)).astype(np.float32)
+    points[12_345] = [100.0, -100.0]
+    cb = fit_centroids(jax.random.key(seed), jnp.asarray(points), None, 16, 10, 64, keep_heaviest=True)
+    nearest = np.min(np.linalg.norm(np.asarray(cb.centroids) - points[12_345], axis=1))
+    assert nearest < 1.0
+    # the bulk is still covered as by a fit to all the points (weights rescaled, objective unbiased)
+    full = vqlib.fit(points, "kmeans", k=16, max_iter=10, key=jax.random.key(seed))
+
+    def mse(c):
+        return np.mean(np.min(((points[:, None] - np.asarray(c)[None]) ** 2).sum(-1), axis=1))
+
+    assert mse(cb.centroids) < 1.1 * mse(full.centroids)

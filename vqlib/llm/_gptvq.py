@@ -190,7 +190,9 @@ def compress_weight(
         piece_weight = col_weight[cols].reshape(-1, d).mean(axis=1)  # (c / d,)
         weights = (np.asarray(scales, np.float64)[:, None] ** 2 * piece_weight[None, :]).reshape(-1)
         weights = jnp.asarray(weights / weights.mean(), jnp.float32)
-        cb = fit_centroids(jax.random.fold_in(key, g), points, weights, k, kmeans_iters, points_per_centroid)
+        cb = fit_centroids(
+            jax.random.fold_in(key, g), points, weights, k, kmeans_iters, points_per_centroid, keep_heaviest=True
+        )
         centroids = cb.centroids.astype(jnp.float16).astype(jnp.float32)
         _, group_codes, e = quantize_group(wj[:, cols], uj[cols, cols], (centroids, scales), quantize=_vq_chunk, d=d)
         if (g + 1) * c < n_in:
