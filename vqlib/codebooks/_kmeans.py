@@ -161,10 +161,11 @@ def update_centroids(centroids, p: PassStats, spherical: bool = False):
 # ----------------------------------------------------------------------------- init
 
 
-def _sq_dists_to(points, x, x_norms):
-    """(t, d) points, (n, d) x -> (t, n) squared distances, clamped at 0."""
+def _sq_dists_to(points, x_t, x_norms):
+    """(t, d) points, (d, n) x transposed -> (t, n) squared distances, clamped at 0. x is passed
+    transposed so the dots run along n (1.8x faster for thin x, e.g. PQ's 8 dimensions)."""
     p_norms = jnp.sum(points * points, axis=1)
-    dots = jnp.dot(points, x.T, precision=lax.Precision.HIGHEST)
+    dots = jnp.dot(points, x_t, precision=lax.Precision.HIGHEST)
     return jnp.maximum(p_norms[:, None] - 2.0 * dots + x_norms[None, :], 0.0)
 
 
@@ -184,11 +185,11 @@ def _kmeans_plus_plus(key, x, w, k: int):
     n = x.shape[0]
     x = x.astype(jnp.float32)
     x_norms = jnp.sum(x * x, axis=1)
-    x_t = x.T  # (d, n): the candidates' dots run along n (1.8x faster for thin x, e.g. PQ's 8 dimensions)
+    x_t = x.T  # transposed once, outside the loop
     num_trials = 2 + int(math.log(k))
     key, first_key = jax.random.split(key)
     first = jax.random.categorical(first_key, jnp.log(w))
-    closest = _sq_dists_to(x[first][None], x, x_norms)[0]
+    closest = _sq_dists_to(x[first][None], x_t, x_norms)[0]
     centers = jnp.zeros((k, x.shape[1]), jnp.float32).at[0].set(x[first])
 
     def add_center(i, carry):
@@ -197,10 +198,7 @@ def _kmeans_plus_plus(key, x, w, k: int):
         cumulative = _blocked_cumsum(w * closest)
         targets = jax.random.uniform(sub, (num_trials,)) * cumulative[-1]
         candidates = jnp.minimum(jnp.searchsorted(cumulative, targets), n - 1)
-        points = x[candidates]
-        dots = jnp.dot(points, x_t, precision=lax.Precision.HIGHEST)
-        dists = jnp.maximum(jnp.sum(points * points, axis=1)[:, None] - 2.0 * dots + x_norms[None, :], 0.0)
-        closest_if = jnp.minimum(closest[None, :], dists)
+        closest_if = jnp.minimum(closest[None, :], _sq_dists_to(x[candidates], x_t, x_norms))
         best = jnp.argmin(jnp.sum(w[None, :] * closest_if, axis=1))
         return centers.at[i].set(x[candidates[best]]), closest_if[best], key
 

@@ -30,7 +30,7 @@ from vqlib.kernels import faiss_available
 from vqlib.retrieval._faiss import faiss_copy
 from vqlib.retrieval._index import Index
 
-_MIRRORS: dict[int, tuple] = {}  # id(index) -> (faiss index labelled by row, its IVF part or None)
+_MIRRORS: dict[int, tuple] = {}  # id(index) -> `_mirror`'s (copy, IVF part, coarse centroids)
 _LOCK = threading.Lock()
 
 
