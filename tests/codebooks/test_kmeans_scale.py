@@ -46,6 +46,12 @@ def test_sharded_fit_equals_single_device():
         a = vqlib.fit(small, "kmeans", k=16, max_iter=5, tol=0.0)
         b = vqlib.fit(small_sharded, "kmeans", k=16, max_iter=5, tol=0.0)
         np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
+        # empty clusters (5 repeated seeds): the far points are gathered across devices only then
+        init = np.concatenate([np.asarray(x[:11]), np.repeat(np.asarray(x[:1]), 5, axis=0)])
+        a = vqlib.fit(x, "kmeans", k=16, init=init, max_iter=3, tol=0.0)
+        b = vqlib.fit(xs, "kmeans", k=16, init=init, max_iter=3, tol=0.0)
+        assert int(a.stats.num_reseeded) == int(b.stats.num_reseeded) >= 5
+        np.testing.assert_allclose(b.centroids, a.centroids, rtol=1e-5, atol=1e-5)
         print("ok")
         """,
         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"},

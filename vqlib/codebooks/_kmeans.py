@@ -8,12 +8,13 @@ for one centroid. On XLA:CPU, where a scatter-add is single-threaded anyway and 
 more than it saves (85 ms vs 10 ms at n=200k, k=1024), `update="auto"` uses the plain
 segment sum; both give the same sums up to float32 rounding.
 
-Empty clusters are re-seeded inside jit without branches: every pass also keeps the
-`num_far` points with the largest weighted squared distance to their centroid (a running
-top-k), and the j-th empty cluster (in index order) moves to the j-th farthest point, as
-scikit-learn does. Clusters beyond `num_far`, or when every point sits on its centroid, keep
-their old position. The same statistics merge across chunks (out-of-core) and across devices
-(sharded, `psum`), so all three modes run one Lloyd step.
+Empty clusters are re-seeded inside jit: a pass that leaves a cluster empty also finds the
+`num_far` points with the largest weighted squared distance to their centroid (a top-k, under
+`lax.cond`, so the passes with no empty cluster skip it), and the j-th empty cluster (in index
+order) moves to the j-th farthest point, as scikit-learn does. Clusters beyond `num_far`, or when
+every point sits on its centroid, keep their old position. The same statistics merge across
+chunks (out-of-core, where the far points are kept in every chunk) and across devices (sharded,
+`psum`), so all three modes run one Lloyd step.
 
 References:
     Lloyd, "Least squares quantization in PCM", 1982.
@@ -110,12 +111,17 @@ def _top_far(dists, points, r: int):
     return dists, points[idx]
 
 
-def pass_stats(x, w, centroids, *, num_far: int, update: str, impl: str) -> PassStats:
+def _assign_and_sum(x, w, centroids, update: str, impl: str):
+    """Per-cluster sums (k, d), weights (k,) and each point's weighted squared distance (n,)."""
     # 16-bit points are assigned in their own precision (float32 accumulation): the tensor-core
     # path, and a float32 centroid would only be rounded against a 16-bit point anyway
     codes, d2 = assign_op(x, centroids.astype(x.dtype), impl=impl)
     sums, counts = _cluster_sums(x, w, codes, centroids.shape[0], update)
-    wd2 = d2 if w is None else w * d2
+    return sums, counts, (d2 if w is None else w * d2)
+
+
+def pass_stats(x, w, centroids, *, num_far: int, update: str, impl: str) -> PassStats:
+    sums, counts, wd2 = _assign_and_sum(x, w, centroids, update, impl)
     far_dists, far_points = _top_far(wd2, x, num_far)
     return PassStats(sums, counts, jnp.sum(wd2), far_dists, far_points.astype(jnp.float32))
 
@@ -127,17 +133,6 @@ def merge_stats(a: PassStats, b: PassStats) -> PassStats:
         a.far_dists.shape[0],
     )
     return PassStats(a.sums + b.sums, a.counts + b.counts, a.inertia + b.inertia, *far)
-
-
-def _allreduce(p: PassStats, axis_name: str) -> PassStats:
-    """Combines the per-device statistics of a sharded pass."""
-    sums, counts, inertia = lax.psum((p.sums, p.counts, p.inertia), axis_name)
-    far = _top_far(
-        lax.all_gather(p.far_dists, axis_name, tiled=True),
-        lax.all_gather(p.far_points, axis_name, tiled=True),
-        p.far_dists.shape[0],
-    )
-    return PassStats(sums, counts, inertia, *far)
 
 
 def _unit_rows(c):
@@ -206,16 +201,24 @@ def _kmeans_plus_plus(key, x, w, k: int):
     return centers
 
 
-def _initial_centroids(key, x, w, k: int, init: str, init_sample_size: int):
-    n = x.shape[0]
+def _init_sample(key, x, w, init_sample_size: int):
+    """(key for the seeding, the rows k-means++ sees, their weights)."""
     sample_key, init_key = jax.random.split(key)
-    if init_sample_size < n:
-        rows = jax.random.choice(sample_key, n, (init_sample_size,), replace=False)
+    if init_sample_size < x.shape[0]:
+        rows = jax.random.choice(sample_key, x.shape[0], (init_sample_size,), replace=False)
         x, w = x[rows], w[rows]
+    return init_key, x, w
+
+
+def _seed(init_key, x, w, k: int, init: str):
     if init == "random":
         rows = jax.random.choice(init_key, x.shape[0], (k,), replace=False, p=w / jnp.sum(w))
         return x[rows].astype(jnp.float32)
     return _kmeans_plus_plus(init_key, x, w, k)
+
+
+def _initial_centroids(key, x, w, k: int, init: str, init_sample_size: int):
+    return _seed(*_init_sample(key, x, w, init_sample_size), k, init)
 
 
 def default_init_sample_size(n: int, k: int) -> int:
@@ -233,9 +236,24 @@ def _lloyd(
     Spherical k-means starts from the unit-length `centroids` and keeps them on the sphere; its
     assignment by L2 distance to unit centroids is the assignment by largest inner product."""
 
+    def far_points(wd2):
+        far = _top_far(wd2, x, num_far)
+        if axis_name is not None:
+            far = _top_far(*(lax.all_gather(a, axis_name, tiled=True) for a in far), num_far)
+        return far[0], far[1].astype(jnp.float32)
+
+    def no_far_points(wd2):
+        return jnp.zeros((num_far,), jnp.float32), jnp.zeros((num_far, x.shape[1]), jnp.float32)
+
     def stats_of(c):
-        p = pass_stats(x, w, c, num_far=num_far, update=update, impl=impl)
-        return p if axis_name is None else _allreduce(p, axis_name)
+        sums, counts, wd2 = _assign_and_sum(x, w, c, update, impl)
+        inertia = jnp.sum(wd2)
+        if axis_name is not None:  # every device then takes the same branch below
+            sums, counts, inertia = lax.psum((sums, counts, inertia), axis_name)
+        # the far points only re-seed empty clusters: their top-k (a sort of n distances on a
+        # GPU) runs in the passes that leave a cluster empty, not in every pass
+        far = lax.cond(jnp.any(counts <= 0), far_points, no_far_points, wd2)
+        return PassStats(sums, counts, inertia, *far)
 
     def body(state):
         t, c, history, _, reseeded = state
@@ -281,6 +299,8 @@ def _sharded_axis(x) -> str | None:
 
 
 initial_centroids = jax.jit(_initial_centroids, static_argnums=(3, 4, 5))
+_init_sample_jit = jax.jit(_init_sample, static_argnums=3)
+_seed_jit = jax.jit(_seed, static_argnums=(3, 4))
 
 
 @functools.partial(
@@ -301,7 +321,11 @@ def _fit_sharded(key, x, w, init_array, axis, *, k, init, init_sample_size, **op
     mesh = x.sharding.mesh
     w = jnp.ones(x.shape[:1], jnp.float32) if w is None else w
     if init_array is None:
-        init_array = initial_centroids(key, x, w, k, init, init_sample_size)
+        # the seeding runs on one replicated copy of its sample: partitioned over the devices, its
+        # float32 sums would round otherwise than the single-device fit's and could pick other seeds
+        init_key, sample, sample_w = _init_sample_jit(key, x, w, init_sample_size)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        init_array = _seed_jit(init_key, *jax.device_put((sample, sample_w), replicated), k, init)
     w = jax.device_put(w, NamedSharding(mesh, PartitionSpec(axis)))
     c, stats = _lloyd_sharded(x, w, init_array, mesh=mesh, axis=axis, **options)
     return KMeansCodebook(centroids=c, stats=stats)
