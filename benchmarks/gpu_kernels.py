@@ -48,6 +48,28 @@ def _time(fn, inputs, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _stack(inputs):
+    """A list of argument tuples -> one tuple of pytrees stacked along a new leading axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *inputs)
+
+
+def _time_loop(fn, inputs, repeats: int) -> float:
+    """Seconds per call of fn, from one jitted `lax.scan` over the stacked inputs (each call on
+    another copy, the outputs summed so none is dropped): no host dispatch per call, which at
+    decode-time sizes (10-40 us of work) would otherwise be most of what a host clock reads."""
+
+    def body(acc, args):
+        y = fn(*args)
+        return acc + y.astype(jnp.float32), None
+
+    def loop(stacked):
+        shape = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], stacked))
+        return jax.lax.scan(body, jnp.zeros(shape.shape, jnp.float32), stacked)[0]
+
+    stacked = _stack(inputs)
+    return _time(jax.jit(loop), [(stacked,)], repeats) / len(inputs)
+
+
 def _record(section: str, case: str, impl: str, fn, **extra):
     """Runs fn() -> dict of figures (or raises); appends one row either way and prints it."""
     row = {"section": section, "case": case, "impl": impl}
@@ -150,20 +172,50 @@ def bench_kmeans(quick, repeats, interpret):
         x = jax.random.normal(jax.random.key(n + k), (n, d), jnp.float32)
         init = x[:k]
         x16 = x.astype(jnp.float16)
-        for impl in ("auto", "xla") if k == 1024 and n <= 1_000_000 or quick else ("auto",):
+        variants = [("auto", "sort"), ("auto", "scatter")]
+        variants += [("xla", "auto")] if k == 1024 and n <= 1_000_000 or quick else []
+        for impl, update in variants:
 
-            def run(impl=impl):
+            def run(impl=impl, update=update):
                 times = {}
                 for iters in (few, many):
                     fit = jax.jit(
-                        lambda x, it=iters: vqlib.fit(x, "kmeans", k=k, init=init, max_iter=it, tol=0.0, impl=impl)
+                        lambda x, it=iters: vqlib.fit(
+                            x, "kmeans", k=k, init=init, max_iter=it, tol=0.0, impl=impl, update=update
+                        )
                     )
                     jax.block_until_ready(fit(x16))  # compile
                     times[iters] = _time(fit, [(x16,)], max(3, repeats // 10))
                 per_iter = (times[many] - times[few]) / (many - few)
                 return {"ms_per_iter": per_iter * 1e3, f"ms_total_{many}_iters": times[many] * 1e3}
 
-            _record("kmeans", f"n={n} d={d} k={k} float16", impl, run)
+            _record("kmeans", f"n={n} d={d} k={k} float16", f"assign {impl}, update {update}", run)
+
+
+def bench_kmeans_parts(quick, repeats, interpret):
+    """One Lloyd pass taken apart: the assignment, the centroid sums (sort-inverse or plain
+    scatter-add), and the far-point top-k that re-seeds empty clusters (only in passes that
+    leave one empty)."""
+    from vqlib.codebooks import _kmeans as km
+
+    shapes = [(8192, 32, 64)] if quick else [(1_000_000, 128, 1024), (1_000_000, 128, 8192)]
+    for n, d, k in shapes:
+        x = jax.random.normal(jax.random.key(n + k), (n, d), jnp.float32).astype(jnp.float16)
+        c = x[:k]
+        codes, d2 = jax.block_until_ready(jax.jit(assign)(x, c))
+        parts = {
+            "assign (auto)": (jax.jit(assign), (x, c)),
+            "sums sort": (jax.jit(lambda x, codes: km._cluster_sums(x, None, codes, k, "sort")), (x, codes)),
+            "sums scatter": (jax.jit(lambda x, codes: km._cluster_sums(x, None, codes, k, "scatter")), (x, codes)),
+            "far top-k": (jax.jit(lambda d2, x: km._top_far(d2, x, k)), (d2, x)),
+        }
+        for name, (fn, args) in parts.items():
+            _record(
+                "kmeans_parts",
+                f"n={n} d={d} k={k} float16",
+                name,
+                lambda fn=fn, args=args: {"ms": _time(fn, [args], max(5, repeats // 3)) * 1e3},
+            )
 
 
 def _lut_case(layout: str, bits: int, out: int, inn: int, key):
@@ -185,42 +237,58 @@ def _lut_case(layout: str, bits: int, out: int, inn: int, key):
     return lut_weight("e8p", codes, patterns)
 
 
+LUT_VARIANTS = {  # tile shapes tried at batch 1, 2 bits (the decode-time case of the target)
+    "16x128 w4 s3": dict(block_out=16, block_in=128, num_warps=4, num_stages=3),
+    "32x128 w4 s3": dict(block_out=32, block_in=128, num_warps=4, num_stages=3),
+    "32x256 w4 s2": dict(block_out=32, block_in=256, num_warps=4, num_stages=2),
+    "64x128 w8 s3": dict(block_out=64, block_in=128, num_warps=8, num_stages=3),
+}
+
+
 def bench_lut_matmul(quick, repeats, interpret):
+    """Device time per call from a scan over 8 weight copies (`_time_loop`), against the dense
+    bf16 matmul timed the same way."""
     shapes = [(256, 512)] if quick else [(4096, 4096), (4096, 14336)]
     layouts = [("scalar", 2), ("vq", 2), ("aq", 2), ("e8p", 2), ("scalar", 3), ("vq", 3)]
     layouts += [("scalar", 4), ("vq", 4)] + ([] if quick else [("aq", 3), ("aq", 4)])
     gpu = backend("lut_matmul", "pallas_gpu")
-    mm = jax.jit(lambda x, w: x @ w.T)
+    copies = 3 if quick else 8
     for batch in (1, 16, 4):  # the decode-time case first
         for out, inn in shapes:
-            dense = [jax.random.normal(jax.random.key(i), (out, inn)).astype(jnp.bfloat16) for i in range(3)]
-            xs = [jax.random.normal(jax.random.key(10 + i), (batch, inn)).astype(jnp.bfloat16) for i in range(3)]
-            d_row = _record(
-                "lut_matmul",
-                f"{out}x{inn} b={batch}",
-                "dense bf16",
-                lambda: {"ms": _time(mm, list(zip(xs, dense, strict=True)), repeats) * 1e3},
-            )
+            dense = [jax.random.normal(jax.random.key(i), (out, inn)).astype(jnp.bfloat16) for i in range(copies)]
+            xs = [jax.random.normal(jax.random.key(10 + i), (batch, inn)).astype(jnp.bfloat16) for i in range(copies)]
+
+            def dense_run(xs=xs, dense=dense, out=out, inn=inn):
+                t = _time_loop(lambda x, w: x @ w.T, list(zip(xs, dense, strict=True)), repeats)
+                return {"us": t * 1e6, "GB/s": out * inn * 2 / t / 1e9}
+
+            d_row = _record("lut_matmul", f"{out}x{inn} b={batch}", "dense bf16", dense_run)
             for layout, bits in layouts if batch != 4 else [c for c in layouts if c[1] == 2]:
-                weights = [_lut_case(layout, bits, out, inn, jax.random.key(100 + i)) for i in range(3)]
+                weights = [_lut_case(layout, bits, out, inn, jax.random.key(100 + i)) for i in range(copies)]
                 case = f"{out}x{inn} b={batch} {layout} {bits}-bit"
                 ref = jax.block_until_ready(jax.jit(lambda x, w: lut_matmul(x, w, impl="xla"))(xs[0], weights[0]))
-                for impl in ("pallas_gpu", "xla") if batch == 1 else ("pallas_gpu",):
+                blocks = {"default": gpu.BlockSizes()}
+                if batch == 1 and bits == 2 and (inn == 14336 or quick):
+                    blocks.update({name: gpu.BlockSizes(**b) for name, b in LUT_VARIANTS.items()})
+                impls = [("xla", None)] if batch == 1 else []
+                impls += [(f"pallas_gpu {name}", block) for name, block in blocks.items()]
+                for impl, block in impls:
 
-                    def run(impl=impl):
-                        if impl == "xla":
-                            fn = jax.jit(lambda x, w: lut_matmul(x, w, impl="xla"))
+                    def run(impl=impl, block=block):
+                        if block is None:
+                            fn = lambda x, w: lut_matmul(x, w, impl="xla")  # noqa: E731
                         else:
-                            fn = jax.jit(lambda x, w: gpu.lut_matmul(x, w, interpret=interpret))
-                        y = fn(xs[0], weights[0]).astype(jnp.float32)
+                            fn = lambda x, w: gpu.lut_matmul(x, w, block=block, interpret=interpret)  # noqa: E731
+                        y = jax.jit(fn)(xs[0], weights[0]).astype(jnp.float32)
                         r32 = ref.astype(jnp.float32)
                         rel = float(jnp.linalg.norm(y - r32) / jnp.linalg.norm(r32))
-                        t = _time(fn, list(zip(xs, weights, strict=True)), repeats)
-                        return {"ms": t * 1e3, "rel_err_vs_xla": rel}
+                        t = _time_loop(fn, list(zip(xs, weights, strict=True)), repeats)
+                        code_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(weights[0]))
+                        return {"us": t * 1e6, "GB/s_weight": code_bytes / t / 1e9, "rel_err_vs_xla": rel}
 
                     row = _record("lut_matmul", case, impl, run)
-                    if "ms" in row and "ms" in d_row:
-                        row["speedup_vs_dense_bf16"] = d_row["ms"] / row["ms"]
+                    if "us" in row and "us" in d_row:
+                        row["speedup_vs_dense_bf16"] = d_row["us"] / row["us"]
 
 
 def bench_adc(quick, repeats, interpret):
@@ -286,6 +354,7 @@ def bench_adc(quick, repeats, interpret):
 SECTIONS = {
     "ceilings": bench_ceilings,
     "assign": bench_assign,
+    "kmeans_parts": bench_kmeans_parts,
     "kmeans": bench_kmeans,
     "lut_matmul": bench_lut_matmul,
     "adc": bench_adc,

@@ -41,7 +41,7 @@ done
 grep -E "passed|failed|exit|FAILED|ERROR" "$OUT/kernel_tests.txt" | cut -c1-250 | head -40
 
 # 3. kernel benchmarks (cases past the budget are recorded as skipped)
-timeout "${BENCH_S:-140}" python3 benchmarks/gpu_kernels.py ${BENCH_ARGS:-} --budget "${BUDGET:-115}" --json "$OUT/gpu_kernels.json" \
+timeout "${BENCH_S:-165}" python3 benchmarks/gpu_kernels.py ${BENCH_ARGS:---sections ceilings,kmeans_parts,lut_matmul,kmeans --repeats 20} --budget "${BUDGET:-130}" --json "$OUT/gpu_kernels.json" \
     >"$OUT/gpu_kernels.txt" 2>&1
 echo "exit $?" >>"$OUT/gpu_kernels.txt"
 grep -c '"ms' "$OUT/gpu_kernels.txt"
@@ -50,7 +50,7 @@ grep '"error"' "$OUT/gpu_kernels.txt" | cut -c1-300 | head -20
 # 4. ANN: vqlib on the GPU against faiss-cpu on this machine's cores, once the suite is done
 wait $suite
 tail -n 30 "$OUT/suite_cpu.txt"
-left=$(( ${TOTAL_S:-450} - $(date +%s) + start ))
+left=$(( ${TOTAL_S:-470} - $(date +%s) + start ))
 if [ "$left" -gt 60 ]; then
     timeout "$left" python3 benchmarks/ann.py --dataset synthetic --n "${ANN_N:-1000000}" --queries 1000 --only IVF-Flat,IVF-PQ \
         --impls auto --out "$OUT/ann_gpu.json" >"$OUT/ann_gpu.txt" 2>&1
