@@ -92,3 +92,20 @@ def test_pallas_gpu_lookups_match_the_oracle(lookup, q, m, kc, n, k, key):
     want = np.take_along_axis(s, np.argsort(s, axis=1, kind="stable")[:, :k], 1)
     np.testing.assert_allclose(np.asarray(dists), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(s, np.asarray(ids), 1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", impls_of(BACKENDS["adc_topk"]))
+def test_int32_codes_with_a_partial_last_tile(impl, key):
+    """Regression (H200, IVF-PQ search): the GPU gather kernel read the table at the codes of rows
+    past n, which a masked int32 load leaves arbitrary (negative), and hit an illegal address.
+    IVF-PQ's shape: one query, the probed lists' tables side by side (kc = 8 x 256)."""
+    kw = impl_kwargs(impl)
+    kt, kc_, kb = jax.random.split(key, 3)
+    tables = jax.random.normal(kt, (1, 16, 2048))
+    codes = jax.random.randint(kc_, (1000, 16), 0, 2048, jnp.int32)  # 1000: not a multiple of 512
+    bias = jax.random.normal(kb, (1000,))
+    dists, ids = adc_topk(tables, codes, 10, bias=bias, **kw)
+    s = _oracle(tables, codes, bias)
+    want = np.take_along_axis(s, np.argsort(s, axis=1, kind="stable")[:, :10], 1)
+    np.testing.assert_allclose(np.asarray(dists), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ids), np.argsort(s, axis=1, kind="stable")[:, :10])

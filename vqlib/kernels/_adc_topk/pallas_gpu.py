@@ -63,7 +63,9 @@ def _adc_gather_kernel(tables_ref, codes_ref, bias_ref, dists_ref, ids_ref, *, n
     queries = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     s = None
     for j in range(m):
-        column = jnp.minimum(codes_ref[:, j].astype(jnp.int32), kc - 1)[None, :]  # (1, bn); rows past n: any code
+        # rows past n hold whatever the masked load gave (negative for int32 codes): clamped into
+        # the table, or the gather reads outside it (an illegal address, seen on an H200)
+        column = jnp.clip(codes_ref[:, j].astype(jnp.int32), 0, kc - 1)[None, :]  # (1, bn)
         part = tables_ref[(queries * m + j) * kc + column].astype(jnp.float32)  # (bq, bn)
         s = part if s is None else s + part
     _finish(s, bias_ref, dists_ref, ids_ref, n=n, k=k)
