@@ -187,7 +187,8 @@ def bench_kmeans(quick, repeats, interpret):
                     jax.block_until_ready(fit(x16))  # compile
                     times[iters] = _time(fit, [(x16,)], max(3, repeats // 10))
                 per_iter = (times[many] - times[few]) / (many - few)
-                return {"ms_per_iter": per_iter * 1e3, f"ms_total_{many}_iters": times[many] * 1e3}
+                ran = int(fit(x16).stats.num_iters)  # tol = 0 stops early only if the inertia rises
+                return {"ms_per_iter": per_iter * 1e3, f"ms_total_{many}_iters": times[many] * 1e3, "iters_run": ran}
 
             _record("kmeans", f"n={n} d={d} k={k} float16", f"assign {impl}, update {update}", run)
 
