@@ -1,5 +1,7 @@
 """ANN indexes against float64 numpy references: exact kinds, ADC scores, probed lists, re-ranking."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -364,3 +366,21 @@ def test_pq_with_few_centroids_and_two_dims_per_subspace_searches_on_cpu(data):
     np.testing.assert_array_equal(np.asarray(auto[1]), np.asarray(xla[1]))
     with pytest.raises(ValueError, match="faiss"):
         retrieval.search(index, q, k=5, impl="faiss")
+
+
+@pytest.mark.parametrize("kind,options", [("ivfflat", {}), ("ivfpq", {"m": 8}), ("rabitq", {})])
+def test_probed_scan_vectorised_over_queries_equals_one_by_one(data, built, kind, options):
+    """Accelerators scan `query_batch` queries at a time (lax.map's batch_size), CPU one by one:
+    the same results either way, also with a batch that does not divide the queries."""
+    from vqlib.retrieval._scan_lists import probe, query_batch, search_probed
+    from vqlib.retrieval._scoring import parts_of, static_of
+    from vqlib.retrieval._search import _budget
+
+    index = built(kind, nlist=32, **options)
+    queries = jax.numpy.asarray(data[1][:50])
+    probes = probe(index.centroids, queries, nprobe=4)
+    run = functools.partial(search_probed, parts_of(index), queries, probes, s=static_of(index), k=10)
+    one, batched = run(budget=_budget(index, 4)), run(budget=_budget(index, 4), batch=16)
+    np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(one[1]))
+    np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(one[0]), rtol=1e-4, atol=1e-4)  # summation order
+    assert query_batch("cpu") is None and query_batch("gpu") == 64
