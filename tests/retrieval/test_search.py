@@ -384,3 +384,27 @@ def test_probed_scan_vectorised_over_queries_equals_one_by_one(data, built, kind
     np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(one[1]))
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(one[0]), rtol=1e-4, atol=1e-4)  # summation order
     assert query_batch("cpu") is None and query_batch("gpu") == 64
+
+
+@pytest.mark.parametrize("l2", [True, False], ids=["l2", "ip"])
+def test_faiss_engine_rerank_equals_xla_rerank(data, built, l2):
+    """The faiss engine re-ranks on the host (faiss's by-index distance loops): same rows and
+    scores as `rerank_exact`, -1 candidates never returned, equal scores in candidate order."""
+    pytest.importorskip("faiss")
+    from vqlib.retrieval._faiss_engine import rerank
+    from vqlib.retrieval._rerank import rerank_exact
+
+    index = built("ivfpq", nlist=32, m=8, keep_vectors=True)
+    n = index.vectors.shape[0]
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, n, size=(60, 40))
+    rows[:, 5] = rows[:, 2]  # the same row twice: an exact tie between two candidates
+    rows[3, 30:] = -1  # fewer candidates than k for one query
+    rows[4, 1:] = -1
+    queries = data[1][:60]
+    dists, got = rerank(index, queries, rows, l2=l2, k=12)
+    q, r = jax.numpy.asarray(queries), jax.numpy.asarray(rows, "int32")
+    want_d, want = rerank_exact(index.vectors, q, r, l2=l2, k=12)
+    np.testing.assert_array_equal(got, np.asarray(want))
+    np.testing.assert_allclose(dists, np.asarray(want_d), rtol=1e-5, atol=1e-5)
+    assert (got[4, 1:] == -1).all() and got[4, 0] == rows[4, 0]

@@ -12,7 +12,8 @@ probed list; with several lists faiss also rounds each list's offset: 99.5% equa
 fast-scan with inner products goes through `search_preassigned`: vqlib's probes (nearest
 centroids by L2) with <q, c> as each list's offset (faiss's own search would offset the lists by
 its coarse quantizer's L2 distances); faiss rounds those offsets too (98-99% equal ids). Equal
-scores come back lowest row first, as from XLA. Re-ranking stays exact in vqlib.
+scores come back lowest row first, as from XLA. Re-ranking is exact, on the host through faiss's
+by-index distance loops (`rerank`).
 
 Memory: the copy holds the index's rows once more (m bytes per vector for PQ, the vectors for
 IVF-Flat). Other codebooks (RVQ, AQ, TurboQuant, RaBitQ, ...) and sharded indexes search with XLA.
@@ -94,6 +95,31 @@ def search(index: Index, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.n
             top_scores[open_], top_rows[open_] = scores[:, :k], rows[:, :k]
             open_ = open_[_tie_runs_past(scores, rows, k)]
     return top_scores, top_rows
+
+
+def rerank(index: Index, queries: np.ndarray, rows: np.ndarray, *, l2: bool, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`rerank_exact` on the host: the exact scores of the candidate rows (q, R) (-1: none) by
+    faiss's `fvec_L2sqr_by_idx` / `fvec_inner_products_by_idx` over the index's raw vectors (read
+    in place, no copy), the best k by a stable sort (equal scores: the earlier candidate, as
+    `lax.top_k`). 2.1 against 18.2 ms for 1,000 x 100 candidates of d = 128 in 1M vectors (AMD
+    EPYC, 2 cores). Returns (dists (q, k) float32, squared distances or minus inner products;
+    rows (q, k) int64, -1 where fewer than k candidates)."""
+    import faiss
+
+    vectors = np.asarray(index.vectors)  # a view of the jax array's buffer on CPU
+    queries = np.ascontiguousarray(queries, np.float32)
+    rows = np.ascontiguousarray(rows, np.int64)
+    q, r = rows.shape
+    scores = np.empty((q, r), np.float32)
+    by_idx = faiss.fvec_L2sqr_by_idx if l2 else faiss.fvec_inner_products_by_idx
+    ptr = faiss.swig_ptr
+    by_idx(ptr(scores), ptr(queries), ptr(np.ascontiguousarray(vectors)), ptr(rows), vectors.shape[1], q, r)
+    if not l2:
+        np.negative(scores, out=scores)
+    scores[rows < 0] = np.inf  # faiss skips them; never a result
+    pick = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    dists = np.take_along_axis(scores, pick, 1)
+    return dists, np.where(np.isfinite(dists), np.take_along_axis(rows, pick, 1), -1)
 
 
 def _tie_runs_past(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

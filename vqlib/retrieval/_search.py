@@ -78,7 +78,7 @@ def search(
         scores, rows = _faiss_engine.search(index, np.asarray(queries), rerank or k, nprobe)
         if rerank is None:
             return _faiss_public(index, scores, _faiss_engine.ids_of(index, rows))
-        dists, rows = rerank_exact(index.vectors, queries, jnp.asarray(rows, jnp.int32), l2=s.l2, k=k)
+        dists, rows = _faiss_engine.rerank(index, np.asarray(queries), rows, l2=s.l2, k=k)
         return finish(index, dists, rows, index.ids)
     dists, rows = approximate(parts_of(index), queries, s, k=rerank or k, nprobe=nprobe, full=full_scan(index, nprobe))
     if rerank is not None:
