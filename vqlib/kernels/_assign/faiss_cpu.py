@@ -17,8 +17,9 @@ def _host_assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.n
     if x.ndim == 3:  # a vmapped batch: one faiss call per problem
         parts = [_host_assign(a, c) for a, c in zip(x, centroids, strict=True)]
         return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
-    x = np.ascontiguousarray(x, np.float32)
-    c = np.ascontiguousarray(centroids, np.float32)
+    # the callback gets jax arrays: view them first (zero-copy on CPU; see subspaces._host_codes)
+    x = np.ascontiguousarray(np.asarray(x), np.float32)
+    c = np.ascontiguousarray(np.asarray(centroids), np.float32)
     dists, codes = faiss.knn(x, c, 1)
     return codes[:, 0].astype(np.int32), np.maximum(dists[:, 0], 0.0).astype(np.float32)
 

@@ -106,7 +106,10 @@ def _host_codes(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     if x.ndim == 3:  # a vmapped batch: one call per problem
         return np.stack([_host_codes(a, c) for a, c in zip(x, centroids, strict=True)])
     m, k, dsub = centroids.shape
-    x = np.ascontiguousarray(x, np.float32)
+    # the callback gets jax arrays: np.asarray views their buffers (zero-copy on CPU), where
+    # np.ascontiguousarray(jax array) went through a copy (67 of 233 ms of a 100k x 128 encode)
+    x = np.ascontiguousarray(np.asarray(x), np.float32)
+    centroids = np.asarray(centroids)
     if k == 256:  # one byte per code: faiss's own PQ encoder (benchmark: 303k vectors/s against 280k by knn)
         pq = faiss.ProductQuantizer(m * dsub, m, 8)
         faiss.copy_array_to_vector(np.ascontiguousarray(centroids, np.float32).ravel(), pq.centroids)
