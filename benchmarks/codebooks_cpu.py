@@ -72,8 +72,18 @@ def _run_faiss(make, x):
         encode_s = time.perf_counter() - start
         return train_s, encode_s, mse(x, opq.reverse_transform(pq.decode(codes)))
     _, train_s = timed(q.train, x)
-    codes, encode_s = timed(q.compute_codes, x)
+    codes, encode_s = _median_timed(q.compute_codes, x)
     return train_s, encode_s, mse(x, q.decode(codes))
+
+
+def _median_timed(fn, *args):
+    """(the last result, the median of 3 timed calls): single encodes spread, e.g. vqlib's PQ 16x8
+    of 100k vectors 0.12-0.23 s on an AMD EPYC."""
+    times = []
+    for _ in range(3):
+        out, seconds = timed(fn, *args)
+        times.append(seconds)
+    return out, float(np.median(times))
 
 
 def _run_vqlib(method, options, x):
@@ -83,7 +93,7 @@ def _run_vqlib(method, options, x):
         cb, train_s = timed(vqlib.fit, x, method, **options)
     vqlib.encode(cb, x[:1000])  # compiles for this codebook's static options (n differs: compiles again below)
     vqlib.encode(cb, x)
-    codes, encode_s = timed(vqlib.encode, cb, x)
+    codes, encode_s = _median_timed(vqlib.encode, cb, x)
     return first_s, train_s, encode_s, mse(x, vqlib.decode(cb, codes)), vqlib.code_layout(cb).bits_per_vector
 
 
