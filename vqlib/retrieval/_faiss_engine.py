@@ -106,14 +106,17 @@ def rerank(index: Index, queries: np.ndarray, rows: np.ndarray, *, l2: bool, k: 
     rows (q, k) int64, -1 where fewer than k candidates)."""
     import faiss
 
-    vectors = np.asarray(index.vectors)  # a view of the jax array's buffer on CPU
+    # every array faiss reads through a raw pointer is held by a name for the whole call
+    vectors = np.ascontiguousarray(np.asarray(index.vectors), np.float32)  # a view of the buffer on CPU
     queries = np.ascontiguousarray(queries, np.float32)
     rows = np.ascontiguousarray(rows, np.int64)
+    if rows.size and int(rows.max()) >= vectors.shape[0]:  # faiss would read past the vectors
+        raise ValueError(f"candidate rows must be < {vectors.shape[0]} (the index's rows), got {int(rows.max())}")
     q, r = rows.shape
     scores = np.empty((q, r), np.float32)
     by_idx = faiss.fvec_L2sqr_by_idx if l2 else faiss.fvec_inner_products_by_idx
     ptr = faiss.swig_ptr
-    by_idx(ptr(scores), ptr(queries), ptr(np.ascontiguousarray(vectors)), ptr(rows), vectors.shape[1], q, r)
+    by_idx(ptr(scores), ptr(queries), ptr(vectors), ptr(rows), vectors.shape[1], q, r)
     if not l2:
         np.negative(scores, out=scores)
     scores[rows < 0] = np.inf  # faiss skips them; never a result
