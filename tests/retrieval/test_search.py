@@ -380,7 +380,7 @@ def test_probed_scan_vectorised_over_queries_equals_one_by_one(data, built, kind
     queries = jax.numpy.asarray(data[1][:50])
     probes = probe(index.centroids, queries, nprobe=4)
     run = functools.partial(search_probed, parts_of(index), queries, probes, s=static_of(index), k=10)
-    one, batched = run(budget=_budget(index, 4)), run(budget=_budget(index, 4), batch=16)
+    one, batched = run(budget=_budget(index, 4), batch=None), run(budget=_budget(index, 4), batch=16)
     np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(one[1]))
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(one[0]), rtol=1e-4, atol=1e-4)  # summation order
     assert query_batch("cpu") is None and query_batch("gpu") == 64

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -10,7 +9,7 @@ from vqlib import _checks
 from vqlib.retrieval._index import Index, prepare
 from vqlib.retrieval._lists import BLOCK
 from vqlib.retrieval._scan_full import search_all
-from vqlib.retrieval._scan_lists import probe, query_batch, search_probed
+from vqlib.retrieval._scan_lists import probe, search_probed
 from vqlib.retrieval._scoring import Parts, Static, static_of, to_public
 
 
@@ -66,15 +65,14 @@ def approximate(parts: Parts, queries, s: Static, *, k: int, nprobe: int, full: 
         return search_all(parts, queries, s=s, k=k)
     probes = probe(parts.centroids, queries, nprobe=nprobe) if probes is None else probes
     least = -(-k // BLOCK)
-    batch = query_batch(jax.default_backend())
     if budget is not None:
-        return search_probed(parts, queries, probes, s=s, k=k, budget=max(budget, least), batch=batch)
+        return search_probed(parts, queries, probes, s=s, k=k, budget=max(budget, least))
     need = np.array([round_budget(max(int(t), least)) for t in probed_blocks(parts.offsets, probes)])
     dists = np.empty((queries.shape[0], k), np.float32)
     rows = np.empty((queries.shape[0], k), np.int32)
     for size in np.unique(need):
         pick = np.flatnonzero(need == size)
-        got = search_probed(parts, queries[pick], probes[pick], s=s, k=k, budget=int(size), batch=batch)
+        got = search_probed(parts, queries[pick], probes[pick], s=s, k=k, budget=int(size))
         dists[pick], rows[pick] = (np.asarray(a) for a in got)
     return jnp.asarray(dists), jnp.asarray(rows)
 

@@ -64,11 +64,13 @@ def query_batch(platform: str) -> int | None:
 
 
 @functools.partial(jax.jit, static_argnames=("s", "k", "budget", "batch"))
-def search_probed(parts: Parts, queries, probes, *, s: Static, k: int, budget: int, batch: int | None = None):
+def search_probed(parts: Parts, queries, probes, *, s: Static, k: int, budget: int, batch: int | str | None = "auto"):
     """(dists (q, k), rows (q, k)) over the probed lists, reading `budget` blocks per query; rows
     are -1 where the lists hold fewer than k live rows. Per query (lax.map, `batch` queries
-    vectorised at a time): its blocks are gathered whole (contiguous copies) and scored, then
-    one top-k."""
+    vectorised at a time; None: one by one; "auto": `query_batch` of the device): its blocks are
+    gathered whole (contiguous copies) and scored, then one top-k."""
+    if batch == "auto":
+        batch = query_batch(jax.default_backend())
     width = parts.data.shape[1]
     data = parts.data.reshape(-1, BLOCK, width)
     live = parts.live.reshape(-1, BLOCK)

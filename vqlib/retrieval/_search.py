@@ -21,7 +21,7 @@ from vqlib.retrieval._lists import BLOCK
 from vqlib.retrieval._plan import approximate, check_search, finish, full_scan, round_budget
 from vqlib.retrieval._rerank import rerank_exact
 from vqlib.retrieval._scan_full import search_all
-from vqlib.retrieval._scan_lists import probe, query_batch, search_probed
+from vqlib.retrieval._scan_lists import probe, search_probed
 from vqlib.retrieval._scoring import parts_of, static_of, to_public
 from vqlib.retrieval._shard import ShardedIndex, search_sharded
 
@@ -131,8 +131,7 @@ def _search_traced(index: Index, queries, k: int, nprobe: int, rerank, use_faiss
         dists, rows = search_all(parts_of(index), queries, s=s, k=kk)
     else:
         probes = probe(index.centroids, queries, nprobe=nprobe)
-        budget, batch = _budget(index, nprobe), query_batch(jax.default_backend())
-        dists, rows = search_probed(parts_of(index), queries, probes, s=s, k=kk, budget=budget, batch=batch)
+        dists, rows = search_probed(parts_of(index), queries, probes, s=s, k=kk, budget=_budget(index, nprobe))
     if rerank is not None:
         dists, rows = rerank_exact(index.vectors, queries, rows, l2=s.l2, k=k)
     if index.ids.size and int(index.ids.max()) >= 2**31:
