@@ -61,6 +61,7 @@ ROWS = {
     "aqlm-3": ("aqlm", 3, dict(head_bits=3)),
     "quip-2-ft": ("quip", 2, dict(head_bits=3, finetune_steps=20)),
     "quip-4-ft": ("quip", 4, dict(head_bits=4, finetune_steps=20)),
+    "quip-4-h5": ("quip", 4, dict(head_bits=5)),
 }
 # The embedding / tied head gets more bits than the blocks where the budget allows: it is 21% of
 # the weights, and both the first and the last layer of the network.

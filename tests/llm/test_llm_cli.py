@@ -43,7 +43,7 @@ def test_compress_then_ppl(hf_folder, tmp_path, capsys):
     "argv,message",
     [
         (["compress", "{model}", "--method", "gptq", "--bits", "2"], "unknown method 'gptq'"),
-        (["compress", "{model}", "--method", "quip", "--bits", "5"], "quip codes bits=2"),
+        (["compress", "{model}", "--method", "quip", "--bits", "7"], "quip codes bits=2"),
         (["compress", "{model}", "--method", "rtn", "--bits", "4", "--option", "groupsize=8"], "unknown option"),
         (["compress", "{model}", "--method", "rtn", "--bits", "4", "--option", "group_size=64"], "fewer than"),
         (["compress", "{missing}", "--method", "rtn", "--bits", "4"], "no such file"),

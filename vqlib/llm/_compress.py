@@ -237,7 +237,8 @@ def compress(
         method: "rtn", "gptvq", "aqlm" or "quip" (module docstring).
         bits: bits per weight of the codes (codebooks, scales and rotations come on top; see
             `bits_per_weight`). rtn: 1-8; gptvq: 1-8 (codes of bits * vector_dim bits);
-            aqlm: 1-8 with 8-bit codebooks (num_codebooks = bits); quip: 2, 3 or 4.
+            aqlm: 1-8 with 8-bit codebooks (num_codebooks = bits); quip: 2 to 6 (E8P stages, E81B for
+            an odd bit).
         calibration: text or token ids (not from the evaluation split); required by gptvq,
             aqlm and quip.
         key: PRNG key (default jax.random.key(0)).

@@ -7,7 +7,10 @@
 2. W~ is divided by step = RMS(W~) / rms_scale and coded 8 columns at a time by E8P (QuIP#'s
    2-bit codebook of 65,536 points of E8 + 1/4, `vqlib.codebooks` E8P, exact nearest point);
    3 bits add a second stage on the residual times 2.04 coded by E81B (the 256 smallest points
-   of E8, 1 bit per weight), 4 bits a second E8P stage on the residual times 3.45 (QuIP#'s RVQ).
+   of E8, 1 bit per weight), 4 bits a second E8P stage on the residual times 3.45 (QuIP#'s RVQ);
+   5 and 6 bits continue the chain (E8P, E8P, then E81B or E8P): each E8P stage leaves a
+   residual 3.45 times smaller than its input, whatever came before (the code is scale-free),
+   so a stage after it takes the same gain as the second stage does.
 3. Rounding is block LDLQ (`_gptq.py` with 8-column chunks): each 8-column block is rounded to
    the lattice after the errors of the blocks before it were fed forward through U = chol(H~^-1).
 
@@ -41,18 +44,21 @@ from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, PackedRotation, coded_part
 
 NEEDS_CALIBRATION = True
-BITS = (2, 3, 4)
+BITS = (2, 3, 4, 5, 6)
 # rms_scale s (step = RMS / s) per bit width: QuIP#'s code defaults, 0.9 at 2 bits (its README's
 # recommendation for LLMs); the residual stage's gain (2.04 for E81B, 3.45 for E8P).
-DEFAULT_RMS_SCALE = {2: 0.9, 3: 0.98, 4: 1.03}
-RESIDUAL_GAIN = {3: 2.04, 4: 3.45}
+DEFAULT_RMS_SCALE = {2: 0.9, 3: 0.98, 4: 1.03, 5: 1.03, 6: 1.03}
+RESIDUAL_GAIN = {"e8": 2.04, "e8p": 3.45}  # a stage's step: the previous stage's over this
+# stages per bit width after the first E8P stage (2 bits each for E8P, 1 for E81B)
+RESIDUAL_STAGES = {2: (), 3: ("e8",), 4: ("e8p",), 5: ("e8p", "e8"), 6: ("e8p", "e8p")}
 OPTIONS = ("rms_scale", "damp", "block_cols", *_finetune.OPTIONS)
 
 
 def check_options(bits, options: dict) -> dict:
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(
-            f"quip codes bits=2 (E8P), 3 (E8P + E81B residual) or 4 (E8P + E8P residual), got bits={bits!r}"
+            "quip codes bits=2 (E8P), 3 (E8P + E81B residual), 4 (E8P + E8P residual), 5 (E8P + E8P + E81B) "
+            f"or 6 (E8P x 3), got bits={bits!r}"
         )
     check_known(options, OPTIONS, "quip")
     scale = _checks.check_nonnegative_float(options.get("rms_scale", DEFAULT_RMS_SCALE[bits]), "rms_scale")
@@ -74,12 +80,11 @@ def check_shape(name: str, shape, **_) -> None:
 
 def _stages(bits: int, step):
     """The E8 codebooks (8 coordinates, no rotation) of the stages, steps in weight units."""
-    first = E8Codebook(step, None, 8, 2, "e8p")
-    if bits == 2:
-        return (first,)
-    gain = jnp.float32(RESIDUAL_GAIN[bits])
-    second = E8Codebook(step / gain, None, 8, 2, "e8p") if bits == 4 else E8Codebook(step / gain, None, 8, 1, "e8")
-    return first, second
+    stages = [E8Codebook(step, None, 8, 2, "e8p")]
+    for kind in RESIDUAL_STAGES[bits]:
+        step = step / jnp.float32(RESIDUAL_GAIN[kind])
+        stages.append(E8Codebook(step, None, 8, 2 if kind == "e8p" else 1, kind))
+    return tuple(stages)
 
 
 def _lattice_chunk(x, a, k, stages):
