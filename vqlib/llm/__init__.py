@@ -1,12 +1,14 @@
 """LLMs: a Llama-family decoder in JAX, GGUF / Hugging Face loading, perplexity and generation,
 post-training weight compressors (RTN, GPTVQ, AQLM, QuIP#) whose weights run through
-`vqlib.kernels.lut_matmul`, and compressed KV caches (`make_cache`: KIVI, KVQuant-style,
-TurboQuant, PQ) that `perplexity(..., kv_cache=)` and `generate(..., kv_cache=)` take."""
+`vqlib.kernels.lut_matmul`, `distill` (their end-to-end fine-tuning against the float model),
+and compressed KV caches (`make_cache`: KIVI, KVQuant-style, TurboQuant, PQ) that
+`perplexity(..., kv_cache=)` and `generate(..., kv_cache=)` take."""
 
 from vqlib.llm._compress import bits_per_weight as bits_per_weight
 from vqlib.llm._compress import compress as compress
 from vqlib.llm._compress import decompress as decompress
 from vqlib.llm._config import LlamaConfig as LlamaConfig
+from vqlib.llm._distill import distill as distill
 from vqlib.llm._eval import read_text as read_text
 from vqlib.llm._eval_cache import perplexity as perplexity
 from vqlib.llm._generate import generate as generate

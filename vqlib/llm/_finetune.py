@@ -38,33 +38,41 @@ def check_options(options: dict, *, steps: int = 0) -> dict:
     )
 
 
-def _trainables(blk):
-    mats = {}
-    for f in dataclasses.fields(blk):
-        w = getattr(blk, f.name)
-        if isinstance(w, CompressedWeight):
-            mats[f.name] = tuple(
-                (
-                    None if p.codebooks is None else p.codebooks.astype(jnp.float32),
-                    jnp.broadcast_to(p.scales.astype(jnp.float32), (p.shape[0],)),
-                )
-                for p in w.parts
-            )
+def weight_trainables(w: CompressedWeight, *, per_row: bool = True) -> tuple:
+    """(codebooks float32 or None, scales float32) of every part of w: one scale per row
+    (out,), or (per_row=False) the scales' stored shape ((1,) for one per matrix)."""
+    return tuple(
+        (
+            None if p.codebooks is None else p.codebooks.astype(jnp.float32),
+            jnp.broadcast_to(p.scales.astype(jnp.float32), (p.shape[0],)) if per_row else p.scales.astype(jnp.float32),
+        )
+        for p in w.parts
+    )
+
+
+def with_trainables(w: CompressedWeight, parts: tuple, dtype=jnp.float32) -> CompressedWeight:
+    """w with the codebooks and scales of `parts` (as weight_trainables gives them), in dtype."""
+    return dataclasses.replace(
+        w,
+        parts=tuple(
+            dataclasses.replace(p, codebooks=None if cb is None else cb.astype(dtype), scales=s.astype(dtype))
+            for p, (cb, s) in zip(w.parts, parts, strict=True)
+        ),
+    )
+
+
+def _trainables(blk, *, per_row: bool = True):
+    mats = {
+        f.name: weight_trainables(getattr(blk, f.name), per_row=per_row)
+        for f in dataclasses.fields(blk)
+        if isinstance(getattr(blk, f.name), CompressedWeight)
+    }
     return mats, (blk.attn_norm.astype(jnp.float32), blk.mlp_norm.astype(jnp.float32))
 
 
 def _rebuild(blk, params, dtype=jnp.float32):
     mats, norms = params
-    new = {}
-    for name, parts in mats.items():
-        w = getattr(blk, name)
-        new[name] = dataclasses.replace(
-            w,
-            parts=tuple(
-                dataclasses.replace(p, codebooks=None if cb is None else cb.astype(dtype), scales=s.astype(dtype))
-                for p, (cb, s) in zip(w.parts, parts, strict=True)
-            ),
-        )
+    new = {name: with_trainables(getattr(blk, name), parts, dtype) for name, parts in mats.items()}
     return dataclasses.replace(blk, attn_norm=norms[0], mlp_norm=norms[1], **new)
 
 
