@@ -62,6 +62,12 @@ ROWS = {
     "quip-2-ft": ("quip", 2, dict(head_bits=3, finetune_steps=20)),
     "quip-4-ft": ("quip", 4, dict(head_bits=4, finetune_steps=20)),
     "quip-4-h5": ("quip", 4, dict(head_bits=5)),
+    # ("distill", row, options): that row's stored model, fine-tuned end to end against the float
+    # model (`vqlib.llm.distill`); its compression time is the row's plus the distillation's
+    "quip-4-h5+d": ("distill", "quip-4-h5", dict(steps=100)),
+    "gptvq-3+d": ("distill", "gptvq-3", dict(steps=100)),
+    "quip-2-ft+d": ("distill", "quip-2-ft", dict(steps=100)),
+    "aqlm-2+d": ("distill", "aqlm-2", dict(steps=100)),
 }
 # The embedding / tied head gets more bits than the blocks where the budget allows: it is 21% of
 # the weights, and both the first and the last layer of the network.
@@ -131,6 +137,20 @@ def run_row(name, base, test_ids, calibration, windows: int, full: bool) -> dict
     if spec is None:
         model, seconds = base, 0.0
         row |= dict(method="float (dequantised Q4_1)", bits=32)
+    elif spec[0] == "distill":
+        _, source, options = spec
+        path = model_store() / f"{source}.vq"
+        if not path.exists():
+            raise SystemExit(f"row {name} distills row {source}'s stored model {path}: run --rows {source} first")
+        start, cpu = time.perf_counter(), time.process_time()
+        model, report = vqlib.llm.distill(vqlib.llm.load(path), base, calibration, progress=True, **options)
+        seconds = time.perf_counter() - start
+        before = load_rows(RESULTS / "llm_weights.json")[source]
+        row["compress_cpu_seconds"] = round(time.process_time() - cpu + before.get("compress_cpu_seconds", 0), 1)
+        row |= dict(method=before["method"], bits=before["bits"], options=before["options"], distill=options)
+        row |= dict(distill_seconds=round(seconds, 1), source_compress_seconds=before["compress_seconds"])
+        row |= {k: report[k] for k in ("held_out_kl_before", "held_out_kl_after", "kept")}
+        seconds += before["compress_seconds"]
     else:
         method, bits, options = spec
         start, cpu = time.perf_counter(), time.process_time()
@@ -173,6 +193,11 @@ def add_full(name, row: dict, base, test_ids) -> dict:
     return row
 
 
+def tuned(row: dict) -> bool:
+    """Fine-tuned rows (block-wise "-ft", end-to-end "+d"): plotted apart from the method's line."""
+    return "-ft" in row["row"] or "+d" in row["row"]
+
+
 def plot(rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -185,12 +210,12 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         # RTN rows keep the embedding as loaded (the issue's baselines): placed at their block
         # linears' bits, and labelled so
         bits = "linear_bits" if method == "rtn" else "bits_per_weight"
-        pts = sorted((r[bits], r["ppl"]) for r in rows if r.get("method") == method and "-ft" not in r["row"])
+        pts = sorted((r[bits], r["ppl"]) for r in rows if r.get("method") == method and not tuned(r))
         label = "rtn (block linears' bits; embedding as loaded)" if method == "rtn" else method
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
     for r in rows:
-        if "-ft" in r["row"]:
+        if tuned(r):
             ax.plot(r["bits_per_weight"], r["ppl"], marker="*", ms=12, ls="", label=f"{r['row']} (fine-tuned)")
     if float_ppl:
         ax.axhline(float_ppl, color="k", ls="--", lw=1, label=f"float (Q4_1) {float_ppl:.2f}")

@@ -39,6 +39,17 @@ def test_compress_then_ppl(hf_folder, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("perplexity ")
 
 
+def test_compress_with_distill(hf_folder, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, again and again. " * 200)
+    out = tmp_path / "d.vq"
+    argv = ["compress", str(hf_folder), "--method", "rtn", "--bits", "2", "--option", "group_size=16"]
+    main([*argv, "--distill", "3", "--calibration", str(text), "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert "distill: held-out KL to the float model" in printed and "bits per weight" in printed
+    assert vqlib.llm.load(out).describe()["method"] == "rtn"
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -48,6 +59,7 @@ def test_compress_then_ppl(hf_folder, tmp_path, capsys):
         (["compress", "{model}", "--method", "rtn", "--bits", "4", "--option", "group_size=64"], "fewer than"),
         (["compress", "{missing}", "--method", "rtn", "--bits", "4"], "no such file"),
         (["ppl", "{missing}"], "no such file"),
+        (["compress", "{model}", "--method", "rtn", "--bits", "4", "--distill", "-1"], "--distill must be >= 0"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(hf_folder, tmp_path, capsys, argv, message):

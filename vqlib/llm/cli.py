@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
     c.add_argument("--head-bits", type=int, default=None, help="bits for the embedding / output head")
     c.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="a method option, repeatable")
     c.add_argument("--seed", type=int, default=0, help="PRNG seed of the fits (default 0)")
+    c.add_argument(
+        "--distill", type=int, default=0, metavar="STEPS",
+        help="then fine-tune end to end against the float model for STEPS steps (vqlib.llm.distill; default 0)",
+    )  # fmt: skip
     c.set_defaults(run=run)
     p = sub.add_parser("ppl", help="WikiText-2 perplexity of a model or a compressed .vq file")
     p.add_argument("model", help="GGUF file, Hugging Face folder or .vq file")
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> None:
     import jax
 
     from vqlib.llm._compress import METHODS, bits_per_weight, compress, method_module
+    from vqlib.llm._distill import distill
     from vqlib.llm._eval import CALIBRATION, WIKITEXT2_TEST, perplexity
     from vqlib.llm._load import load
 
@@ -62,10 +67,14 @@ def run(args: argparse.Namespace) -> None:
         mod.check_options(args.bits, dict(options))  # the method's own checks, before loading anything
         if args.head_bits is not None:
             mod.check_options(args.head_bits, dict(options))
+        if args.distill < 0:
+            raise ValueError(f"--distill must be >= 0 steps, got {args.distill}")
         check_output(args.output, "compressed model")
-        calibration = _text(args.calibration, CALIBRATION) if mod.NEEDS_CALIBRATION else None
+        needs_text = mod.NEEDS_CALIBRATION or args.distill
+        calibration = _text(args.calibration, CALIBRATION) if needs_text else None
+        model = load(args.model)
         compressed = compress(
-            load(args.model),
+            model,
             args.method,
             bits=args.bits,
             calibration=calibration,
@@ -74,6 +83,12 @@ def run(args: argparse.Namespace) -> None:
             progress=True,
             **options,
         )
+        if args.distill:
+            compressed, report = distill(compressed, model, calibration, steps=args.distill, progress=True)
+            print(
+                f"distill: held-out KL to the float model {report['held_out_kl_before']:.4f} -> "
+                f"{report['held_out_kl_after']:.4f} ({'kept' if report['kept'] else 'not kept: no better'})"
+            )
         save(args.output, compressed)
         info = compressed.describe()
         print(
