@@ -173,6 +173,13 @@ def check_nonnegative_float(value, name: str) -> float:
     return float(value)
 
 
+def check_bool(value, name: str) -> bool:
+    """True or False (numpy's included); anything else, the string "False" among them, raises."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False (true / false on the command line), got {value!r}")
+    return bool(value)
+
+
 def check_divisible(d: int, m: int, name: str = "d", by: str = "m") -> None:
     if d % m:
         padded = m * -(-d // m)

@@ -183,6 +183,9 @@ def test_bad_method_bits_and_options(tiny):
         compress(tiny, "rtn", bits=4, groupsize=32)
     with pytest.raises(ValueError, match="needs calibration"):
         compress(tiny, "aqlm", bits=2)
+    # a flag given as text (the CLI's `--option row_scale=False`) is refused, not read as True
+    with pytest.raises(TypeError, match="row_scale must be True or False"):
+        compress(tiny, "gptvq", bits=2, row_scale="False", **CALIB)
 
 
 def test_layer_shapes_a_method_cannot_take(tiny):

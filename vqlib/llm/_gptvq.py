@@ -76,7 +76,7 @@ def check_options(bits, options: dict) -> dict:
         kmeans_iters=_checks.check_int(options.get("kmeans_iters", 20), "kmeans_iters", low=1),
         points_per_centroid=_checks.check_int(options.get("points_per_centroid", 64), "points_per_centroid", low=1),
         update_steps=_checks.check_int(options.get("update_steps", 25), "update_steps", low=0),
-        row_scale=bool(options.get("row_scale", True)),
+        row_scale=_checks.check_bool(options.get("row_scale", True), "row_scale"),
         damp=_checks.check_nonnegative_float(options.get("damp", 0.01), "damp"),
         **_finetune.check_options(options),
     )

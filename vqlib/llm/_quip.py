@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlib import _checks
-from vqlib.codebooks import E8Codebook, decode, encode, random_rotation, rotate
+from vqlib.codebooks import E8Codebook, decode, encode
 from vqlib.llm import _finetune
-from vqlib.llm._common import check_known
+from vqlib.llm._common import check_known, incoherent
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, PackedRotation, coded_part
 
@@ -117,16 +117,8 @@ def compress_weight(
 ):
     """QuIP# of one (out, in) weight given its input Hessian (None: identity)."""
     out, n_in = w.shape
-    in_key, out_key = jax.random.split(key)
-    r_in = random_rotation(in_key, n_in)
-    r_out = None if embedding else random_rotation(out_key, out)
-    wt = rotate(r_in, jnp.asarray(w, jnp.float32))  # W R_in^T
-    if r_out is not None:
-        wt = rotate(r_out, wt.T).T  # R_out W R_in^T
-    h = np.eye(n_in) if hessian is None else np.asarray(hessian, np.float64)
-    h = h / np.mean(np.diag(h)) if np.mean(np.diag(h)) > 0 else h
-    ht = np.asarray(rotate(r_in, rotate(r_in, jnp.asarray(h, jnp.float32)).T).T, np.float64)  # R_in H R_in^T
-    h_damped, wt0, u = prepare(np.asarray(wt), (ht + ht.T) / 2, damp=damp)
+    wt, ht, r_in, r_out = incoherent(key, w, hessian, embedding=embedding)
+    h_damped, wt0, u = prepare(wt, ht, damp=damp)
     step = jnp.float32(np.float16(np.sqrt(np.mean(wt0.astype(np.float64) ** 2)) / rms_scale))
     stages = _stages(bits, step)
     stages = tuple(E8Codebook(jnp.float32(np.float16(cb.step)), None, 8, cb.bits, cb.kind) for cb in stages)
