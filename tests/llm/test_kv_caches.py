@@ -61,6 +61,8 @@ CASES = {
         dict(outliers=4, pre_rope=True, center=True, rescale=True, channel_scale=True),
     ),
     "turboquant2.5_prerope": ("turboquant", 2.5, dict(outliers=4, pre_rope=True, center=True)),
+    "turboquant3.5_first": ("turboquant", 3.5, dict(outliers=4, pre_rope=True, center=True, first_center=True)),
+    "turboquant3_first_post_rope": ("turboquant", 3, dict(center=True, first_center=True)),
     "turboquant_prod": ("turboquant", 3, dict(prod=True, window=16, window_dtype="float32")),
     "pq2": ("pq", 2, {}),
     "pq3_decoded": ("pq", 3, dict(tables=False, pair_rope=False, window=16)),
@@ -285,6 +287,36 @@ def test_turboquant_statistics_skip_the_positions_the_sink_keeps(model, sink):
         np.testing.assert_allclose(np.asarray(codec.mean[0]), want, rtol=1e-4, atol=1e-5)
 
 
+def test_turboquant_first_center_codes_the_sink_key_on_its_own_mean(model, key):
+    """Calibration whose position-0 keys are one large vector c (plus 1e-3 noise), as an attention
+    sink's are: first_center fits their float64 mean as position 0's mean and keeps them out of
+    the common mean; a sequence starting with c then decodes its first key 100x closer than the
+    common mean lets it (the same 3 bits), and the other positions exactly as without it."""
+    cal = _calibration()
+    first = np.arange(cal.keys[0].shape[0]) % cal.seq_len == 0
+    rng = np.random.default_rng(3)
+    c = (30 * rng.normal(size=(CFG.num_kv_heads, CFG.head_dim))).astype(np.float32)
+    keys = [np.where(first[:, None, None], c + 1e-3 * rng.normal(size=k.shape), k).astype(np.float32) for k in cal.keys]
+    cal = dataclasses.replace(cal, keys=keys)
+    caches = [
+        make_cache(model, "turboquant", bits=3, max_len=16, center=True, first_center=f, calibration=cal)
+        for f in (False, True)
+    ]
+    codec = caches[1].key_codec
+    np.testing.assert_allclose(codec.mean_first[0], np.mean(np.asarray(keys[0], np.float64)[first], 0), rtol=1e-5)
+    np.testing.assert_allclose(codec.mean[0], np.mean(np.asarray(keys[0], np.float64)[~first], 0), rtol=1e-4, atol=1e-5)
+    q, k, v = _inputs(key, t=16)
+    k = k.at[0, 0].set(jnp.asarray(c))
+    errs = []
+    for cache in caches:
+        cache = cache.attend(0, q, k, v)[1].advance(16)
+        kd = np.asarray(cache.dequantized(0, 0, 16)[0][0], np.float64)
+        errs.append(np.linalg.norm(kd - np.asarray(k[0], np.float64), axis=-1))  # (16, kvh)
+    assert np.all(errs[1][0] < 0.01 * errs[0][0]), (errs[0][0], errs[1][0])
+    # positions 1.. are centred on a mean fitted without position 0 only with first_center
+    assert np.mean(errs[1][1:]) < np.mean(errs[0][1:])
+
+
 def test_pq_codebook_rows_round_trip_exactly(model):
     cache = _make(model, "pq2")
     centroids = np.asarray(cache.value_codec.centroids[0], np.float32)  # (kvh, m, k, dsub), identity order
@@ -440,6 +472,8 @@ def test_pre_rope_codecs_carry_a_table_as_long_as_the_stores(model, name):
         ("kivi", 2, dict(group=8, window=12), "window=12 is not a multiple of group=8"),
         ("turboquant", 3, dict(outliers=15, calibration=None), "each rotated part needs at least 2 channels"),
         ("turboquant", 3, dict(channel_scale=True, calibration=None), "pass pre_rope=True with it"),
+        ("turboquant", 3, dict(first_center=True), "pass center=True"),
+        ("turboquant", 3, dict(first_center=True, center=True, sink=1), "use one or the other"),
         ("pq", 2, dict(m=5), "head_dim=16 is not divisible by m=5"),
         ("kivi", 4, dict(group=8, sink=17), "sink=17 keeps more positions in full precision than max_len=16"),
         ("nope", 2, {}, "unknown KV cache method"),
@@ -450,6 +484,11 @@ def test_bad_settings_raise(model, method, bits, options, match):
         options = dict(options, calibration=_calibration())
     with pytest.raises(ValueError, match=match):
         make_cache(model, method, bits=bits, max_len=16, **options)
+
+
+def test_a_flag_given_as_text_is_refused(model):
+    with pytest.raises(TypeError, match="pre_rope must be True or False"):
+        make_cache(model, "turboquant", bits=3, max_len=16, pre_rope="False")  # bool("False") is True
 
 
 def test_unknown_option_raises(model):

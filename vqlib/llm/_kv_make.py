@@ -161,8 +161,9 @@ def make_cache(
                 value_outliers (0), pre_rope (False), center (False), prod (False: keys as
                 TurboQuant-prod), rescale (False: store least-squares scales, not norms; values
                 only with prod), channel_scale (False: per-channel scales before the rotation
-                from the loss's gradients, s = (F / K)^(1/4); needs pre_rope), window (0),
-                num_sequences, seq_len;
+                from the loss's gradients, s = (F / K)^(1/4); needs pre_rope), first_center
+                (False: position 0's keys centred on their own calibration mean, coded like
+                the rest; needs center, excludes sink), window (0), num_sequences, seq_len;
             pq: m (sub-spaces per head, hd/2), k (centroids, 2**(bits hd / m)), pair_rope (True:
                 keys' RoPE planes share a sub-space), tables (True), window (0), max_iter (25),
                 num_sequences (16), seq_len (512).
@@ -259,11 +260,13 @@ def _turboquant(model, bits, calibration, key, options, common):
     default_out = hd // 4 if fractional else 0
     outliers = _checks.check_int(options.pop("outliers", default_out), "outliers", low=0)
     value_outliers = _checks.check_int(options.pop("value_outliers", 0), "value_outliers", low=0)
-    pre_rope = bool(options.pop("pre_rope", False))
-    center = bool(options.pop("center", False))
-    prod = bool(options.pop("prod", False))
-    rescale = bool(options.pop("rescale", False))
-    channel_scale = bool(options.pop("channel_scale", False))
+    flag = lambda name: _checks.check_bool(options.pop(name, False), name)  # noqa: E731
+    pre_rope, center, prod, rescale = flag("pre_rope"), flag("center"), flag("prod"), flag("rescale")
+    channel_scale, first_center = flag("channel_scale"), flag("first_center")
+    if first_center and not center:
+        raise ValueError("first_center centres position 0's keys on their own calibration mean: pass center=True")
+    if first_center and common["sink"]:
+        raise ValueError("first_center codes position 0, which sink keeps in full precision: use one or the other")
     if channel_scale and not pre_rope:
         raise ValueError(
             "channel_scale fits key scales on the loss's gradients of the keys before RoPE: pass pre_rope=True with it"
@@ -281,11 +284,15 @@ def _turboquant(model, bits, calibration, key, options, common):
         vs = cal.values
         if channel_scale:
             kw, vw = cal.key_weights, cal.value_weights
-        # statistics of the positions the codecs code (not the sink's)
-        ks, vs, kw, vw = (skip_first(a, cal.seq_len, common["sink"]) for a in (ks, vs, kw, vw))
+        first = [k[np.arange(k.shape[0]) % cal.seq_len == 0] for k in ks] if first_center else None
+        # statistics of the positions the codecs code (not the sink's), and not position 0's
+        # keys when they get their own mean
+        skip = max(common["sink"], int(first_center))
+        ks, kw = (skip_first(a, cal.seq_len, skip) for a in (ks, kw))
+        vs, vw = (skip_first(a, cal.seq_len, common["sink"]) for a in (vs, vw))
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
-        rescale=rescale and not prod, sensitivity=kw,
+        rescale=rescale and not prod, sensitivity=kw, first_samples=first if cal is not None else None,
     )  # fmt: skip
     vc = fit_turboquant_codec(
         v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale, sensitivity=vw
@@ -293,6 +300,7 @@ def _turboquant(model, bits, calibration, key, options, common):
     desc = (("bits", bits), ("key_bits", key_bits), ("value_bits", value_bits), ("outliers", kc.outliers))
     desc += (("pre_rope", pre_rope), ("center", center), ("prod", prod), ("window", window))
     desc += (("rescale", rescale), ("channel_scale", channel_scale), ("sink", common["sink"]))
+    desc += (("first_center", first_center),)
     return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
 

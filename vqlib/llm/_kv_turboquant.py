@@ -25,6 +25,14 @@ calibration keys before RoPE, 0.53 summed over layers and heads (0.85 for values
 moved from the channels the queries read little into those they read much; s is normalised to a
 geometric mean of 1 and stored per layer (float32, counted).
 
+First-position centring (`mean_first`, keys): from about the third layer on, the key at position 0
+(the attention sink's) is one nearly constant vector, whatever the token there (SmolLM2-135M,
+pre-RoPE: 0.04 from its calibration mean against 16 from the other positions' mean and 7-10 for
+a typical key's spread). Centred on the common mean, its coding error is the largest of any key,
+on the key every query reads most. With `mean_first`, position 0 is centred on its own
+calibration mean instead, and coded with the same bits as every other position (no full-precision
+copy; the mean costs what the common one does, per layer).
+
 `prod=True` (keys; the "turboquant_prod" variant, `fit_turboquant_prod`): (b - 1)-bit
 TurboQuant-mse of the whole head plus a 1-bit QJL sketch of the residual with gamma = ||r||,
 unbiased inner products: q . x ~ ||x|| ((M q) . c[idx] + sqrt(pi / 2) / hd gamma (S M^T M q) . z).
@@ -83,6 +91,8 @@ class TurboQuantKVCodec(TileCodec):
             for none.
         rope_table: with pre_rope, the angles of every position of the cache holding the codec
             (None outside a cache: then computed from config).
+        mean_first: per layer, (kvh, hd) float32 subtracted at position 0 instead of `mean`, or
+            () for none (module docstring).
     """
 
     matrix: tuple
@@ -91,6 +101,7 @@ class TurboQuantKVCodec(TileCodec):
     levels_reg: jax.Array
     sketch: tuple = ()
     scale: tuple = ()
+    mean_first: tuple = ()
     rope_table: RopeTable | None = None
     config: LlamaConfig = static_field(None)
     bits: int = static_field(3)
@@ -125,17 +136,30 @@ class TurboQuantKVCodec(TileCodec):
     def storage(self, kvh, hd):
         n_reg = hd - self.outliers
         bits = n_reg * self.reg_bits + self.outliers * (self.bits + 1) + self.prod * hd + 16 * self.num_norms
-        # per layer: the mean and the channel scales (float32) and the outlier channel order (a
+        # per layer: the means and the channel scales (float32) and the outlier channel order (a
         # byte each); the rotations are drawn from a seed and not counted
-        fixed = kvh * hd * (4 * self.centered + (self.outliers > 0) + 4 * bool(self.scale))
+        fixed = kvh * hd * (4 * self.centered + (self.outliers > 0) + 4 * bool(self.scale) + 4 * bool(self.mean_first))
         return kvh * bits, float(fixed)
 
     # ------------------------------------------------------------------ coding
 
+    def _mean_at(self, layer, start, size: int):
+        """(1, size, kvh, hd) or (1, 1, kvh, hd): the mean subtracted at positions start .. start + size - 1."""
+        mean = self.mean[layer][None, None]
+        if not self.mean_first:
+            return mean
+        first = (start + jnp.arange(size, dtype=jnp.int32) == 0)[None, :, None, None]
+        return jnp.where(first, self.mean_first[layer][None, None], mean)
+
+    @property
+    def _reads_rotated(self) -> bool:
+        """Keys scored and values mixed in the rotated domain (else through `dequant`)."""
+        return not (self.pre_rope or self.prod or self.mean_first)
+
     def _to_coded_domain(self, layer, x, start):
         if self.pre_rope:
             x = rope_at(self.rope_table, self.config, x, start, inverse=True)
-        x = x - self.mean[layer][None, None]
+        x = x - self._mean_at(layer, start, x.shape[1])
         if self.scale:
             x = x * self.scale[layer][None, None]
         return jnp.einsum("khd,btkd->btkh", self.matrix[layer], x, precision=_HIGHEST)
@@ -205,14 +229,14 @@ class TurboQuantKVCodec(TileCodec):
             back = jnp.einsum("khd,bskh->bskd", self.sketch[layer], z, precision=_HIGHEST)
             y = y + (SQRT_HALF_PI / hd) * (norms[..., 0:1] * norms[..., -1:]) * back
         x = jnp.einsum("khd,bskh->bskd", self.matrix[layer], y, precision=_HIGHEST)
-        x = self._unscale(layer, x) + self.mean[layer][None, None]
+        x = self._unscale(layer, x) + self._mean_at(layer, start, size)
         return rope_at(self.rope_table, self.config, x, start) if self.pre_rope else x
 
     def for_capacity(self, capacity):
         return dataclasses.replace(self, rope_table=RopeTable.build(self.config, capacity)) if self.pre_rope else self
 
     def prepare(self, layer, q):
-        if self.pre_rope:
+        if self.pre_rope or self.mean_first:
             return q
         q_rot = jnp.einsum("khd,bkgtd->bkgth", self.matrix[layer], self._unscale(layer, q), precision=_HIGHEST)
         q_mean = jnp.einsum("bkgtd,kd->bkgt", q, self.mean[layer], precision=_HIGHEST)
@@ -220,7 +244,7 @@ class TurboQuantKVCodec(TileCodec):
         return q_rot, q_mean, q_sketch
 
     def scores(self, layer, store, qstate, start, size):
-        if self.pre_rope:
+        if self.pre_rope or self.mean_first:
             return TileCodec.scores(self, layer, store, qstate, start, size)
         q_rot, q_mean, q_sketch = qstate
         y, norms = self._rotated(store, start, size)
@@ -234,13 +258,13 @@ class TurboQuantKVCodec(TileCodec):
         return s
 
     def mix(self, layer, store, probs, start, size):
-        if self.pre_rope or self.prod:
+        if not self._reads_rotated:
             return TileCodec.mix(self, layer, store, probs, start, size)
         y, _ = self._rotated(store, start, size)
         return jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
 
     def finish(self, layer, acc, mass):
-        if self.pre_rope or self.prod:
+        if not self._reads_rotated:
             return acc
         back = self._unscale(layer, jnp.einsum("khd,bkgth->bkgtd", self.matrix[layer], acc, precision=_HIGHEST))
         return back + mass[..., None] * self.mean[layer][None, :, None, None, :]
@@ -266,6 +290,7 @@ def fit_turboquant_codec(
     prod: bool = False,
     rescale: bool = False,
     sensitivity=None,
+    first_samples=None,
 ) -> TurboQuantKVCodec:
     """Draws the rotations (per layer and head) and picks outlier channels and means from samples.
 
@@ -282,11 +307,16 @@ def fit_turboquant_codec(
         rescale: store least-squares scales instead of norms (see TurboQuantKVCodec).
         sensitivity: per layer, (n, kvh, hd) squared loss gradients aligned with samples (the
             diagonal Fisher): fit channel scales s = (F / K)^(1/4) (module docstring); None: none.
+        first_samples: per layer, (m, kvh, hd) vectors at position 0 (in the coded domain, as
+            samples; samples then hold the other positions only): position 0 is centred on their
+            mean (`mean_first`); None: on the common mean.
     """
     kvh, hd, num_layers = config.num_kv_heads, config.head_dim, config.num_layers
     if prod and rescale:
         raise ValueError("prod's inner products are unbiased only with the stored norms: pass rescale=False with prod")
     n_out = 0 if prod else outliers
+    if first_samples is not None and not center:
+        raise ValueError("first_samples centres position 0 on its own mean: pass center=True with it")
     if samples is None and (n_out or center or sensitivity is not None):
         raise ValueError(
             "outlier channels, centring and channel scales are fitted on calibration samples; pass calibration"
@@ -303,6 +333,9 @@ def fit_turboquant_codec(
     levels_reg = (reg_cb.mse if prod else reg_cb).centroids
     levels_out = fit_turboquant(keys[0, 0], dummy[:, :n_out], bits=bits + 1).centroids if n_out else levels_reg
     matrices, means, sketches, scales = [], [], [], []
+    firsts = () if first_samples is None else tuple(
+        jnp.asarray(np.asarray(f, np.float32).mean(axis=0)) for f in first_samples
+    )  # fmt: skip
     for layer in range(num_layers):
         x = None if samples is None else np.asarray(samples[layer], np.float32)
         mu = x.mean(axis=0) if (center and x is not None) else np.zeros((kvh, hd), np.float32)
@@ -333,8 +366,8 @@ def fit_turboquant_codec(
             sketches.append(jnp.stack(sks))
     return TurboQuantKVCodec(
         tuple(matrices), tuple(means), jnp.asarray(levels_out), jnp.asarray(levels_reg), tuple(sketches),
-        tuple(scales), config=config, bits=bits, outliers=n_out, pre_rope=pre_rope, prod=prod, centered=bool(center),
-        rescale=rescale,
+        tuple(scales), firsts, config=config, bits=bits, outliers=n_out, pre_rope=pre_rope, prod=prod,
+        centered=bool(center), rescale=rescale,
     )  # fmt: skip
 
 
