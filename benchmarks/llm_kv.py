@@ -61,6 +61,16 @@ ROWS = {
         2.5,
         dict(BEST_TQ, channel_scale=True, sink=1),
     ),
+    "turboquant-3.5 (pre-RoPE centred rescaled channel-scaled first-centred)": (
+        "turboquant",
+        3.5,
+        dict(BEST_TQ, channel_scale=True, first_center=True),
+    ),
+    "turboquant-2.5 (pre-RoPE centred rescaled channel-scaled first-centred)": (
+        "turboquant",
+        2.5,
+        dict(BEST_TQ, channel_scale=True, first_center=True),
+    ),
     "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
     "pq-4": ("pq", 4, {}),
     "pq-4 (window 128)": ("pq", 4, dict(window=128)),

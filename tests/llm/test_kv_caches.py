@@ -287,34 +287,40 @@ def test_turboquant_statistics_skip_the_positions_the_sink_keeps(model, sink):
         np.testing.assert_allclose(np.asarray(codec.mean[0]), want, rtol=1e-4, atol=1e-5)
 
 
-def test_turboquant_first_center_codes_the_sink_key_on_its_own_mean(model, key):
-    """Calibration whose position-0 keys are one large vector c (plus 1e-3 noise), as an attention
-    sink's are: first_center fits their float64 mean as position 0's mean and keeps them out of
-    the common mean; a sequence starting with c then decodes its first key 100x closer than the
-    common mean lets it (the same 3 bits), and the other positions exactly as without it."""
+def test_turboquant_first_center_codes_the_sink_on_its_own_mean(model, key):
+    """Calibration whose position-0 keys and values are each one large vector (plus 1e-3 noise),
+    as an attention sink's are: first_center fits their float64 means as position 0's means and
+    keeps them out of the common means; a sequence starting with those vectors then decodes its
+    first key and value 100x closer than the common mean lets it (the same 3 bits), and the other
+    positions closer too (their mean no longer pulled by position 0)."""
     cal = _calibration()
     first = np.arange(cal.keys[0].shape[0]) % cal.seq_len == 0
     rng = np.random.default_rng(3)
-    c = (30 * rng.normal(size=(CFG.num_kv_heads, CFG.head_dim))).astype(np.float32)
-    keys = [np.where(first[:, None, None], c + 1e-3 * rng.normal(size=k.shape), k).astype(np.float32) for k in cal.keys]
-    cal = dataclasses.replace(cal, keys=keys)
+    ck, cv = (30 * rng.normal(size=(CFG.num_kv_heads, CFG.head_dim)).astype(np.float32) for _ in range(2))
+
+    def plant(xs, c):
+        return [np.where(first[:, None, None], c + 1e-3 * rng.normal(size=x.shape), x).astype(np.float32) for x in xs]
+
+    cal = dataclasses.replace(cal, keys=plant(cal.keys, ck), values=plant(cal.values, cv))
     caches = [
         make_cache(model, "turboquant", bits=3, max_len=16, center=True, first_center=f, calibration=cal)
         for f in (False, True)
     ]
-    codec = caches[1].key_codec
-    np.testing.assert_allclose(codec.mean_first[0], np.mean(np.asarray(keys[0], np.float64)[first], 0), rtol=1e-5)
-    np.testing.assert_allclose(codec.mean[0], np.mean(np.asarray(keys[0], np.float64)[~first], 0), rtol=1e-4, atol=1e-5)
+    for codec, xs in ((caches[1].key_codec, cal.keys), (caches[1].value_codec, cal.values)):
+        x64 = np.asarray(xs[0], np.float64)
+        np.testing.assert_allclose(codec.mean_first[0], x64[first].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(codec.mean[0], x64[~first].mean(0), rtol=1e-4, atol=1e-5)
     q, k, v = _inputs(key, t=16)
-    k = k.at[0, 0].set(jnp.asarray(c))
+    k, v = k.at[0, 0].set(jnp.asarray(ck)), v.at[0, 0].set(jnp.asarray(cv))
     errs = []
     for cache in caches:
         cache = cache.attend(0, q, k, v)[1].advance(16)
-        kd = np.asarray(cache.dequantized(0, 0, 16)[0][0], np.float64)
-        errs.append(np.linalg.norm(kd - np.asarray(k[0], np.float64), axis=-1))  # (16, kvh)
-    assert np.all(errs[1][0] < 0.01 * errs[0][0]), (errs[0][0], errs[1][0])
-    # positions 1.. are centred on a mean fitted without position 0 only with first_center
-    assert np.mean(errs[1][1:]) < np.mean(errs[0][1:])
+        decoded = cache.dequantized(0, 0, 16)
+        pairs = zip(decoded, (k, v), strict=True)
+        errs.append([np.linalg.norm(np.asarray(d[0] - x[0], np.float64), axis=-1) for d, x in pairs])
+    for without, with_first in zip(*errs, strict=True):  # keys, then values: (16, kvh) errors
+        assert np.all(with_first[0] < 0.01 * without[0]), (without[0], with_first[0])
+        assert np.mean(with_first[1:]) < np.mean(without[1:])
 
 
 def test_pq_codebook_rows_round_trip_exactly(model):

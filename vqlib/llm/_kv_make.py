@@ -162,8 +162,8 @@ def make_cache(
                 TurboQuant-prod), rescale (False: store least-squares scales, not norms; values
                 only with prod), channel_scale (False: per-channel scales before the rotation
                 from the loss's gradients, s = (F / K)^(1/4); needs pre_rope), first_center
-                (False: position 0's keys centred on their own calibration mean, coded like
-                the rest; needs center, excludes sink), window (0), num_sequences, seq_len;
+                (False: position 0's keys and values centred on their own calibration mean,
+                coded like the rest; needs center, excludes sink), window (0), num_sequences, seq_len;
             pq: m (sub-spaces per head, hd/2), k (centroids, 2**(bits hd / m)), pair_rope (True:
                 keys' RoPE planes share a sub-space), tables (True), window (0), max_iter (25),
                 num_sequences (16), seq_len (512).
@@ -264,7 +264,7 @@ def _turboquant(model, bits, calibration, key, options, common):
     pre_rope, center, prod, rescale = flag("pre_rope"), flag("center"), flag("prod"), flag("rescale")
     channel_scale, first_center = flag("channel_scale"), flag("first_center")
     if first_center and not center:
-        raise ValueError("first_center centres position 0's keys on their own calibration mean: pass center=True")
+        raise ValueError("first_center centres position 0 on its own calibration mean: pass center=True")
     if first_center and common["sink"]:
         raise ValueError("first_center codes position 0, which sink keeps in full precision: use one or the other")
     if channel_scale and not pre_rope:
@@ -284,19 +284,21 @@ def _turboquant(model, bits, calibration, key, options, common):
         vs = cal.values
         if channel_scale:
             kw, vw = cal.key_weights, cal.value_weights
-        first = [k[np.arange(k.shape[0]) % cal.seq_len == 0] for k in ks] if first_center else None
+        at_first = lambda xs: [a[np.arange(a.shape[0]) % cal.seq_len == 0] for a in xs]  # noqa: E731
+        firsts = (at_first(ks), at_first(vs)) if first_center else None
         # statistics of the positions the codecs code (not the sink's), and not position 0's
-        # keys when they get their own mean
+        # when it gets its own mean
         skip = max(common["sink"], int(first_center))
-        ks, kw = (skip_first(a, cal.seq_len, skip) for a in (ks, kw))
-        vs, vw = (skip_first(a, cal.seq_len, common["sink"]) for a in (vs, vw))
+        ks, vs, kw, vw = (skip_first(a, cal.seq_len, skip) for a in (ks, vs, kw, vw))
+    k_first, v_first = (None, None) if cal is None or not first_center else firsts
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
-        rescale=rescale and not prod, sensitivity=kw, first_samples=first if cal is not None else None,
+        rescale=rescale and not prod, sensitivity=kw, first_samples=k_first,
     )  # fmt: skip
     vc = fit_turboquant_codec(
-        v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale, sensitivity=vw
-    )
+        v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale, sensitivity=vw,
+        first_samples=v_first,
+    )  # fmt: skip
     desc = (("bits", bits), ("key_bits", key_bits), ("value_bits", value_bits), ("outliers", kc.outliers))
     desc += (("pre_rope", pre_rope), ("center", center), ("prod", prod), ("window", window))
     desc += (("rescale", rescale), ("channel_scale", channel_scale), ("sink", common["sink"]))

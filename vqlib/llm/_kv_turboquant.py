@@ -25,13 +25,14 @@ calibration keys before RoPE, 0.53 summed over layers and heads (0.85 for values
 moved from the channels the queries read little into those they read much; s is normalised to a
 geometric mean of 1 and stored per layer (float32, counted).
 
-First-position centring (`mean_first`, keys): from about the third layer on, the key at position 0
-(the attention sink's) is one nearly constant vector, whatever the token there (SmolLM2-135M,
-pre-RoPE: 0.04 from its calibration mean against 16 from the other positions' mean and 7-10 for
-a typical key's spread). Centred on the common mean, its coding error is the largest of any key,
-on the key every query reads most. With `mean_first`, position 0 is centred on its own
-calibration mean instead, and coded with the same bits as every other position (no full-precision
-copy; the mean costs what the common one does, per layer).
+First-position centring (`mean_first`): from about the third layer on, the key and the value at
+position 0 (the attention sink's) are each one nearly constant vector, whatever the token there
+(SmolLM2-135M, keys before RoPE: 0.04 from their calibration mean against 16 from the other
+positions' mean and 7-10 for a typical key's spread; values 0.03-0.05 against 2-5 and 5-9).
+Centred on the common mean, the sink's key has the largest coding error of any key, and the
+sink's value error enters every output with the sink's large attention weight. With
+`mean_first`, position 0 is centred on its own calibration mean instead, and coded with the same
+bits as every other position (no full-precision copy; the mean costs what the common one does).
 
 `prod=True` (keys; the "turboquant_prod" variant, `fit_turboquant_prod`): (b - 1)-bit
 TurboQuant-mse of the whole head plus a 1-bit QJL sketch of the residual with gamma = ||r||,
