@@ -13,8 +13,10 @@ dimension); the outlier part gets one more bit. Norms are stored in float16 (cou
 Optional channel scales s (`channel_scale`), fitted on calibration: decoded x = M^T y / s + mean.
 
 Attention reads codes in the rotated domain: a key tile scores q as (M (q / s)) . y~ + q . mean,
-and values accumulate sum_s p_s y~_s, rotated back once per call (M^T acc / s + mass * mean). Keys
-quantised before RoPE are decoded, rotated back and RoPE'd per tile instead.
+and values accumulate sum_s p_s y~_s, rotated back once per call (M^T acc / s + mass * mean; with
+`mean_first`, position 0's score gets q . (mean_first - mean) and the values' accumulator one
+more column, the probability position 0 got, times mean_first - mean). Keys quantised before
+RoPE are decoded, rotated back and RoPE'd per tile instead.
 
 Channel scales. The rotation spreads the coding error evenly over the channels of x s, so channel
 c of x gets an error of variance ~ sigma^2 ||x s||^2 / (hd s_c^2), and the loss grows by about
@@ -154,8 +156,16 @@ class TurboQuantKVCodec(TileCodec):
 
     @property
     def _reads_rotated(self) -> bool:
-        """Keys scored and values mixed in the rotated domain (else through `dequant`)."""
-        return not (self.pre_rope or self.prod or self.mean_first)
+        """Values mixed in the rotated domain (else through `dequant`)."""
+        return not (self.pre_rope or self.prod)
+
+    def _first_at(self, start, size: int):
+        """(size,) float32: 1 at position 0, else 0, over positions start .. start + size - 1."""
+        return (start + jnp.arange(size, dtype=jnp.int32) == 0).astype(jnp.float32)
+
+    def acc_dim(self, hd: int) -> int:
+        # with mean_first, one more column carries the probability the codec gave position 0
+        return hd + bool(self.mean_first and self._reads_rotated)
 
     def _to_coded_domain(self, layer, x, start):
         if self.pre_rope:
@@ -237,19 +247,24 @@ class TurboQuantKVCodec(TileCodec):
         return dataclasses.replace(self, rope_table=RopeTable.build(self.config, capacity)) if self.pre_rope else self
 
     def prepare(self, layer, q):
-        if self.pre_rope or self.mean_first:
+        if self.pre_rope:
             return q
         q_rot = jnp.einsum("khd,bkgtd->bkgth", self.matrix[layer], self._unscale(layer, q), precision=_HIGHEST)
         q_mean = jnp.einsum("bkgtd,kd->bkgt", q, self.mean[layer], precision=_HIGHEST)
         q_sketch = jnp.einsum("khd,bkgtd->bkgth", self.sketch[layer], q_rot, precision=_HIGHEST) if self.prod else None
-        return q_rot, q_mean, q_sketch
+        q_first = None
+        if self.mean_first:  # q . (mean_first - mean): position 0's score on top of q . mean
+            q_first = jnp.einsum("bkgtd,kd->bkgt", q, self.mean_first[layer] - self.mean[layer], precision=_HIGHEST)
+        return q_rot, q_mean, q_sketch, q_first
 
     def scores(self, layer, store, qstate, start, size):
-        if self.pre_rope or self.mean_first:
+        if self.pre_rope:
             return TileCodec.scores(self, layer, store, qstate, start, size)
-        q_rot, q_mean, q_sketch = qstate
+        q_rot, q_mean, q_sketch, q_first = qstate
         y, norms = self._rotated(store, start, size)
         s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + q_mean[..., None]
+        if q_first is not None:
+            s = s + q_first[..., None] * self._first_at(start, size)[None, None, None, None, :]
         if self.prod:
             hd = y.shape[-1]
             z = self._signs(store, start, size, hd)
@@ -262,13 +277,22 @@ class TurboQuantKVCodec(TileCodec):
         if not self._reads_rotated:
             return TileCodec.mix(self, layer, store, probs, start, size)
         y, _ = self._rotated(store, start, size)
-        return jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
+        acc = jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
+        if not self.mean_first:
+            return acc
+        first = jnp.einsum("bkgts,s->bkgt", probs, self._first_at(start, size), precision=_HIGHEST)
+        return jnp.concatenate([acc, first[..., None]], axis=-1)
 
     def finish(self, layer, acc, mass):
         if not self._reads_rotated:
             return acc
-        back = self._unscale(layer, jnp.einsum("khd,bkgth->bkgtd", self.matrix[layer], acc, precision=_HIGHEST))
-        return back + mass[..., None] * self.mean[layer][None, :, None, None, :]
+        hd = self.matrix[layer].shape[-1]
+        rotated = acc[..., :hd]
+        back = self._unscale(layer, jnp.einsum("khd,bkgth->bkgtd", self.matrix[layer], rotated, precision=_HIGHEST))
+        back = back + mass[..., None] * self.mean[layer][None, :, None, None, :]
+        if self.mean_first:  # position 0 was centred on mean_first: add the difference for its share
+            back = back + acc[..., hd:] * (self.mean_first[layer] - self.mean[layer])[None, :, None, None, :]
+        return back
 
 
 # ----------------------------------------------------------------------------- fitting
