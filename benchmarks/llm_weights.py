@@ -66,6 +66,8 @@ ROWS = {
     # model (`vqlib.llm.distill`); its compression time is the row's plus the distillation's
     "quip-4-h5+d": ("distill", "quip-4-h5", dict(steps=100)),
     "gptvq-3+d": ("distill", "gptvq-3", dict(steps=100)),
+    "gptvq-4+d": ("distill", "gptvq-4", dict(steps=100)),
+    "gptvq-2+d": ("distill", "gptvq-2", dict(steps=100)),
     "quip-2-ft+d": ("distill", "quip-2-ft", dict(steps=100)),
     "aqlm-2+d": ("distill", "aqlm-2", dict(steps=100)),
 }
