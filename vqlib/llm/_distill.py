@@ -13,6 +13,11 @@ measures. A quarter of the calibration windows (at least one) is held out: the t
 are kept only if they lower the held-out KL, so the result is never worse than the start on text
 the optimiser did not see. Codebooks and scales are stored back in float16 (their stored format),
 so the model's size does not change.
+
+Cost: a step is a forward of the float model and a forward and a backward of the compressed one
+over batch_size x seq_len tokens (4-7 s for 2 x 256 tokens of SmolLM2-135M on a 2-core CPU).
+The backward keeps every layer's decoded weights: a benchmark process distilling SmolLM2-135M
+peaked at about 10 GB.
 """
 
 from __future__ import annotations
