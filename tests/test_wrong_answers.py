@@ -143,3 +143,10 @@ def test_inputs_are_copied_not_aliased(x):
     got = vqlib._checks.to_jax(data)
     data[:] = 0.0
     np.testing.assert_array_equal(np.asarray(got), x)
+
+
+def test_flags_given_as_text_are_refused(x):
+    """Before: flags were read with bool(), so the text "False" (a command line's
+    `--option fast_scan=False`) turned the option on."""
+    with pytest.raises(TypeError, match="fast_scan must be True or False"):
+        retrieval.build(x, "pq", m=4, k=16, fast_scan="False")

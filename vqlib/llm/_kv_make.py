@@ -220,7 +220,7 @@ def make_cache(
         fraction = float(options.pop("outliers", 0.01))
         if not 0 <= fraction < 0.5:
             raise ValueError(f"outliers is the fraction of numbers kept exactly, in [0, 0.5), got {fraction}")
-        sensitivity = bool(options.pop("sensitivity", True))
+        sensitivity = _checks.check_bool(options.pop("sensitivity", True), "sensitivity")
         outlier_dtype = options.pop("outlier_dtype", "float16")
         if outlier_dtype not in WINDOW_DTYPES:
             raise ValueError(f"outlier_dtype must be one of {WINDOW_DTYPES}, got {outlier_dtype!r}")
@@ -312,8 +312,8 @@ def _pq(model, bits, calibration, key, options, common):
     if bits is None and "k" not in options:
         raise ValueError("pq needs bits= (bits per element of the codes) or k= (centroids per sub-space)")
     m, k = pq_shape(hd, bits or 1, options.pop("m", None), options.pop("k", None))
-    pair_rope = bool(options.pop("pair_rope", True))
-    tables = bool(options.pop("tables", True))
+    pair_rope = _checks.check_bool(options.pop("pair_rope", True), "pair_rope")
+    tables = _checks.check_bool(options.pop("tables", True), "tables")
     max_iter = _checks.check_int(options.pop("max_iter", 25), "max_iter", low=1)
     window, settings = _pop_window(options, 0)
     cal = _calibration(model, calibration, options, sensitivity=False, num_sequences=16)

@@ -347,7 +347,7 @@ def build(
     if n == 0:
         raise ValueError("x is empty; an index is trained on at least one vector")
     method, ivf, options = _resolve(kind, nlist, options)
-    fast_scan = bool(options.pop("fast_scan", fast_scan))
+    fast_scan = _checks.check_bool(options.pop("fast_scan", fast_scan), "fast_scan")
     if method == "flat" and options:
         raise ValueError(f"options {sorted(options)} apply to a codebook; kind={kind!r} stores raw vectors")
     if method in ("pq", "opq") and "m" not in options:
