@@ -16,8 +16,9 @@ so the model's size does not change.
 
 Cost: a step is a forward of the float model and a forward and a backward of the compressed one
 over batch_size x seq_len tokens (4-7 s for 2 x 256 tokens of SmolLM2-135M on a 2-core CPU).
-The backward keeps every layer's decoded weights: a benchmark process distilling SmolLM2-135M
-peaked at about 10 GB.
+Each block is recomputed in the backward pass (`jax.checkpoint`) rather than keeping every
+layer's decoded weights; without that, a benchmark process distilling SmolLM2-135M peaked at
+about 10 GB.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from vqlib import _checks
 from vqlib import _progress as _bars
 from vqlib.llm._compress import calibration_windows
 from vqlib.llm._finetune import _rebuild, _trainables, weight_trainables, with_trainables
-from vqlib.llm._model import Model, Params, forward
-from vqlib.llm._weights import CompressedWeight
+from vqlib.llm._model import Model, Params, forward, hidden_states
+from vqlib.llm._weights import CompressedWeight, linear
 
 HEADS = ("embed", "lm_head")
 
@@ -60,9 +61,10 @@ def _with(params: Params, t, dtype=jnp.float32) -> Params:
 
 
 def _kl(params: Params, reference: Params, config, tokens) -> jax.Array:
-    """Mean over tokens of KL(p_reference || p_params), tokens (b, t)."""
+    """Mean over tokens of KL(p_reference || p_params), tokens (b, t); the compressed model's
+    blocks rematerialised in the backward pass (one block's decoded weights held at a time)."""
     logp_ref = jax.nn.log_softmax(lax.stop_gradient(forward(reference, config, tokens)[0]), axis=-1)
-    logp = jax.nn.log_softmax(forward(params, config, tokens)[0], axis=-1)
+    logp = jax.nn.log_softmax(linear(hidden_states(params, config, tokens, remat=True)[0], params.head), axis=-1)
     return jnp.mean(jnp.sum(jnp.exp(logp_ref) * (logp_ref - logp), axis=-1))
 
 

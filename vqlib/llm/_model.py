@@ -151,14 +151,20 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return rows.reshape(*tokens.shape, -1)
 
 
-def hidden_states(params: Params, config: LlamaConfig, tokens: jax.Array, cache: KVCache | None = None):
-    """The final normed hidden states (b, t, dim) and the cache (advanced past the t tokens)."""
+def hidden_states(
+    params: Params, config: LlamaConfig, tokens: jax.Array, cache: KVCache | None = None, *, remat: bool = False
+):
+    """The final normed hidden states (b, t, dim) and the cache (advanced past the t tokens).
+
+    remat: under differentiation, keep only each block's input and recompute the block in the
+    backward pass (`jax.checkpoint`), so a compressed block's decoded weights are not all held."""
     start = jnp.int32(0) if cache is None else cache.length
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     cos, sin = rope_tables(config, positions)
     h = embed_tokens(params, tokens)
+    step = jax.checkpoint(block_forward, static_argnums=(1, 7)) if remat else block_forward
     for layer, blk in enumerate(params.blocks):
-        h, cache = block_forward(blk, config, h, cos, sin, positions, cache, layer)
+        h, cache = step(blk, config, h, cos, sin, positions, cache, layer)
     if cache is not None:
         cache = cache.advance(tokens.shape[1])
     return rms_norm(h, params.final_norm, config.norm_eps), cache
