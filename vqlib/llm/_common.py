@@ -1,13 +1,12 @@
-"""Helpers shared by the compressors: the check of their option names, the weighted k-means call
-(the one place its options are spelled), and QuIP#'s incoherence processing."""
+"""Helpers shared by the compressors: the check of their option names, and the weighted k-means call
+(the one place its options are spelled)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vqlib.codebooks import fit, random_rotation, rotate
+from vqlib.codebooks import fit
 
 
 def check_known(options: dict, known: tuple[str, ...], method: str) -> None:
@@ -46,26 +45,3 @@ def fit_centroids(key, points, weights, k: int, iters: int, per_centroid: int, *
         scale = jnp.where(jnp.arange(limit) < top, 1.0, (n - top) / (limit - top)).astype(jnp.float32)
         points, weights = points[pick], w[pick] * scale
     return fit(points, "kmeans", key=fit_key, k=k, max_iter=iters, sample_weight=weights)
-
-
-def incoherent(key, w, hessian, *, embedding: bool):
-    """QuIP#'s incoherence processing: W~ = R_out W R_in^T and H~ = R_in H R_in^T, each R a
-    randomized Hadamard transform (`vqlib.codebooks.random_rotation`); an embedding gets no
-    R_out (its rows must decode one at a time). Rotated weights look Gaussian, without the
-    outlying entries or the block-wise grid of a checkpoint already quantized.
-
-    Returns:
-        (W~ float32 (out, in), H~ float64 (in, in) (the identity for hessian None), R_in, R_out
-        or None): the weight y = W x is y = R_out^T W~ R_in x.
-    """
-    out, n_in = w.shape
-    in_key, out_key = jax.random.split(key)
-    r_in = random_rotation(in_key, n_in)
-    r_out = None if embedding else random_rotation(out_key, out)
-    wt = rotate(r_in, jnp.asarray(w, jnp.float32))  # W R_in^T
-    if r_out is not None:
-        wt = rotate(r_out, wt.T).T  # R_out W R_in^T
-    h = np.eye(n_in) if hessian is None else np.asarray(hessian, np.float64)
-    h = h / np.mean(np.diag(h)) if np.mean(np.diag(h)) > 0 else h
-    ht = np.asarray(rotate(r_in, rotate(r_in, jnp.asarray(h, jnp.float32)).T).T, np.float64)  # R_in H R_in^T
-    return np.asarray(wt), (ht + ht.T) / 2, r_in, r_out

@@ -15,7 +15,7 @@ the optimiser did not see. Codebooks and scales are stored back in float16 (thei
 so the model's size does not change.
 
 Cost: a step is a forward of the float model and a forward and a backward of the compressed one
-over batch_size x seq_len tokens (4-7 s for 2 x 256 tokens of SmolLM2-135M on a 2-core CPU).
+over batch_size x seq_len tokens (3-8 s for 2 x 256 tokens of SmolLM2-135M on a 2-core CPU).
 Each block is recomputed in the backward pass (`jax.checkpoint`) rather than keeping every
 layer's decoded weights; without that, a benchmark process distilling SmolLM2-135M peaked at
 about 10 GB.
@@ -36,7 +36,7 @@ from jax import lax
 from vqlib import _checks
 from vqlib import _progress as _bars
 from vqlib.llm._compress import calibration_windows
-from vqlib.llm._finetune import _rebuild, _trainables, weight_trainables, with_trainables
+from vqlib.llm._finetune import block_trainables, weight_trainables, with_block_trainables, with_trainables
 from vqlib.llm._model import Model, Params, forward, hidden_states
 from vqlib.llm._weights import CompressedWeight, linear
 
@@ -44,7 +44,7 @@ HEADS = ("embed", "lm_head")
 
 
 def _trainable(params: Params):
-    blocks = tuple(_trainables(blk, per_row=False) for blk in params.blocks)
+    blocks = tuple(block_trainables(blk, per_row=False) for blk in params.blocks)
     heads = {
         n: weight_trainables(getattr(params, n), per_row=False)
         for n in HEADS
@@ -56,7 +56,7 @@ def _trainable(params: Params):
 def _with(params: Params, t, dtype=jnp.float32) -> Params:
     blocks, heads, final_norm = t
     new = {n: with_trainables(getattr(params, n), parts, dtype) for n, parts in heads.items()}
-    rebuilt = tuple(_rebuild(blk, p, dtype) for blk, p in zip(params.blocks, blocks, strict=True))
+    rebuilt = tuple(with_block_trainables(blk, p, dtype) for blk, p in zip(params.blocks, blocks, strict=True))
     return dataclasses.replace(params, blocks=rebuilt, final_norm=final_norm.astype(params.final_norm.dtype), **new)
 
 

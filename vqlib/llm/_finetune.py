@@ -61,7 +61,7 @@ def with_trainables(w: CompressedWeight, parts: tuple, dtype=jnp.float32) -> Com
     )
 
 
-def _trainables(blk, *, per_row: bool = True):
+def block_trainables(blk, *, per_row: bool = True):
     mats = {
         f.name: weight_trainables(getattr(blk, f.name), per_row=per_row)
         for f in dataclasses.fields(blk)
@@ -70,7 +70,7 @@ def _trainables(blk, *, per_row: bool = True):
     return mats, (blk.attn_norm.astype(jnp.float32), blk.mlp_norm.astype(jnp.float32))
 
 
-def _rebuild(blk, params, dtype=jnp.float32):
+def with_block_trainables(blk, params, dtype=jnp.float32):
     mats, norms = params
     new = {name: with_trainables(getattr(blk, name), parts, dtype) for name, parts in mats.items()}
     return dataclasses.replace(blk, attn_norm=norms[0], mlp_norm=norms[1], **new)
@@ -81,7 +81,7 @@ def _adam(params, blk, config, h, target, lr, *, steps: int):
     scale = jnp.mean((target - h) ** 2)
 
     def loss(p):
-        return jnp.mean((block_outputs(_rebuild(blk, p), config, h) - target) ** 2) / scale
+        return jnp.mean((block_outputs(with_block_trainables(blk, p), config, h) - target) ** 2) / scale
 
     opt = optax.adam(lr)
 
@@ -112,5 +112,5 @@ def finetune_block(key, blk, float_blk, config, h, *, finetune_steps: int, finet
     pick = jax.random.choice(key, h.shape[0], (min(finetune_sequences, h.shape[0]),), replace=False)
     hs = h[pick]
     target = block_outputs(float_blk, config, hs)
-    params, before, after = _adam(_trainables(blk), blk, config, hs, target, finetune_lr, steps=finetune_steps)
-    return _rebuild(blk, params, jnp.float16), (float(before), float(after))
+    params, before, after = _adam(block_trainables(blk), blk, config, hs, target, finetune_lr, steps=finetune_steps)
+    return with_block_trainables(blk, params, jnp.float16), (float(before), float(after))

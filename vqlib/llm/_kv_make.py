@@ -72,6 +72,11 @@ def skip_first(per_layer: list | None, seq_len: int, n: int) -> list | None:
     return [a[keep] for a in per_layer]
 
 
+def first_positions(per_layer: list, seq_len: int) -> list:
+    """Per-layer calibration arrays (num_sequences * seq_len, ...) at position 0 of each sequence."""
+    return [a[np.arange(a.shape[0]) % seq_len == 0] for a in per_layer]
+
+
 def calibrate(
     model: Model, calibration=None, *, num_sequences: int = 8, seq_len: int = 512, sensitivity: bool = False
 ) -> KVCalibration:
@@ -278,19 +283,18 @@ def _turboquant(model, bits, calibration, key, options, common):
     cal = _calibration(model, calibration, options, sensitivity=channel_scale) if needs_data else None
     _no_more(options, "turboquant")
     k_rot, v_rot = jax.random.split(key)
-    ks = vs = kw = vw = None
+    ks = vs = kw = vw = k_first = v_first = None
     if cal is not None:
         ks = cal.keys_before_rope() if pre_rope else cal.keys
         vs = cal.values
         if channel_scale:
             kw, vw = cal.key_weights, cal.value_weights
-        at_first = lambda xs: [a[np.arange(a.shape[0]) % cal.seq_len == 0] for a in xs]  # noqa: E731
-        firsts = (at_first(ks), at_first(vs)) if first_center else None
+        if first_center:
+            k_first, v_first = first_positions(ks, cal.seq_len), first_positions(vs, cal.seq_len)
         # statistics of the positions the codecs code (not the sink's), and not position 0's
         # when it gets its own mean
         skip = max(common["sink"], int(first_center))
         ks, vs, kw, vw = (skip_first(a, cal.seq_len, skip) for a in (ks, vs, kw, vw))
-    k_first, v_first = (None, None) if cal is None or not first_center else firsts
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
         rescale=rescale and not prod, sensitivity=kw, first_samples=k_first,

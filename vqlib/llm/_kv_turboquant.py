@@ -151,7 +151,7 @@ class TurboQuantKVCodec(TileCodec):
         mean = self.mean[layer][None, None]
         if not self.mean_first:
             return mean
-        first = (start + jnp.arange(size, dtype=jnp.int32) == 0)[None, :, None, None]
+        first = self._is_first(start, size)[None, :, None, None]
         return jnp.where(first, self.mean_first[layer][None, None], mean)
 
     @property
@@ -159,9 +159,9 @@ class TurboQuantKVCodec(TileCodec):
         """Values mixed in the rotated domain (else through `dequant`)."""
         return not (self.pre_rope or self.prod)
 
-    def _first_at(self, start, size: int):
-        """(size,) float32: 1 at position 0, else 0, over positions start .. start + size - 1."""
-        return (start + jnp.arange(size, dtype=jnp.int32) == 0).astype(jnp.float32)
+    def _is_first(self, start, size: int):
+        """(size,) bool: position 0 among positions start .. start + size - 1."""
+        return start + jnp.arange(size, dtype=jnp.int32) == 0
 
     def acc_dim(self, hd: int) -> int:
         # with mean_first, one more column carries the probability the codec gave position 0
@@ -264,7 +264,7 @@ class TurboQuantKVCodec(TileCodec):
         y, norms = self._rotated(store, start, size)
         s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + q_mean[..., None]
         if q_first is not None:
-            s = s + q_first[..., None] * self._first_at(start, size)[None, None, None, None, :]
+            s = s + jnp.where(self._is_first(start, size), q_first[..., None], 0.0)
         if self.prod:
             hd = y.shape[-1]
             z = self._signs(store, start, size, hd)
@@ -280,7 +280,7 @@ class TurboQuantKVCodec(TileCodec):
         acc = jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
         if not self.mean_first:
             return acc
-        first = jnp.einsum("bkgts,s->bkgt", probs, self._first_at(start, size), precision=_HIGHEST)
+        first = jnp.sum(jnp.where(self._is_first(start, size), probs, 0.0), axis=-1)
         return jnp.concatenate([acc, first[..., None]], axis=-1)
 
     def finish(self, layer, acc, mass):

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vqlib import _checks
-from vqlib.codebooks import E8Codebook, decode, encode
+from vqlib.codebooks import E8Codebook, decode, encode, random_rotation, rotate
 from vqlib.llm import _finetune
-from vqlib.llm._common import check_known, incoherent
+from vqlib.llm._common import check_known
 from vqlib.llm._gptq import prepare, propagate, quantize_group
 from vqlib.llm._weights import CompressedWeight, PackedRotation, coded_part
 
@@ -108,6 +108,29 @@ def _row_scales(stages, codes, w, h):
     return jnp.where(jnp.isfinite(gain) & (gain > 0), gain, 1.0).astype(jnp.float32)
 
 
+def _incoherent(key, w, hessian, *, embedding: bool):
+    """QuIP#'s incoherence processing: W~ = R_out W R_in^T and H~ = R_in H R_in^T, each R a
+    randomized Hadamard transform (`vqlib.codebooks.random_rotation`); an embedding gets no
+    R_out (its rows must decode one at a time). Rotated weights look Gaussian, without the
+    outlying entries or the block-wise grid of a checkpoint already quantized.
+
+    Returns:
+        (W~ float32 (out, in), H~ float64 (in, in) (the identity for hessian None), R_in, R_out
+        or None): the weight y = W x is y = R_out^T W~ R_in x.
+    """
+    out, n_in = w.shape
+    in_key, out_key = jax.random.split(key)
+    r_in = random_rotation(in_key, n_in)
+    r_out = None if embedding else random_rotation(out_key, out)
+    wt = rotate(r_in, jnp.asarray(w, jnp.float32))  # W R_in^T
+    if r_out is not None:
+        wt = rotate(r_out, wt.T).T  # R_out W R_in^T
+    h = np.eye(n_in) if hessian is None else np.asarray(hessian, np.float64)
+    h = h / np.mean(np.diag(h)) if np.mean(np.diag(h)) > 0 else h
+    ht = np.asarray(rotate(r_in, rotate(r_in, jnp.asarray(h, jnp.float32)).T).T, np.float64)  # R_in H R_in^T
+    return np.asarray(wt), (ht + ht.T) / 2, r_in, r_out
+
+
 def _block_cols(n_in: int, target: int) -> int:
     return max(c for c in range(8, min(target, n_in) + 1, 8) if n_in % c == 0)
 
@@ -117,7 +140,7 @@ def compress_weight(
 ):
     """QuIP# of one (out, in) weight given its input Hessian (None: identity)."""
     out, n_in = w.shape
-    wt, ht, r_in, r_out = incoherent(key, w, hessian, embedding=embedding)
+    wt, ht, r_in, r_out = _incoherent(key, w, hessian, embedding=embedding)
     h_damped, wt0, u = prepare(wt, ht, damp=damp)
     step = jnp.float32(np.float16(np.sqrt(np.mean(wt0.astype(np.float64) ** 2)) / rms_scale))
     stages = _stages(bits, step)
