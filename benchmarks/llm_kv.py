@@ -41,6 +41,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CTX = 1024
 # row -> (method, bits per element, options)
 BEST_TQ = dict(pre_rope=True, center=True, rescale=True)  # keys before RoPE, centred, least-squares scales
+ROPE_MEAN_TQ = dict(rope_mean=True, center=True, rescale=True)  # keys after RoPE centred on RoPE_p(mean)
 ROWS = {
     "float": ("float", None, {}),
     "kivi-4 (window 128)": ("kivi", 4, {}),
@@ -70,6 +71,18 @@ ROWS = {
         "turboquant",
         2.5,
         dict(BEST_TQ, channel_scale=True, first_center=True),
+    ),
+    # keys after RoPE centred on the rotated pre-RoPE mean: the pre-RoPE rows' statistics, read
+    # in the rotated domain (no key decoded and rotated back per tile)
+    "turboquant-3.5 (rotated-mean centred rescaled pair-scaled first-centred)": (
+        "turboquant",
+        3.5,
+        dict(ROPE_MEAN_TQ, channel_scale=True, first_center=True),
+    ),
+    "turboquant-2.5 (rotated-mean centred rescaled pair-scaled first-centred)": (
+        "turboquant",
+        2.5,
+        dict(ROPE_MEAN_TQ, channel_scale=True, first_center=True),
     ),
     "kvquant-3 (1% outliers)": ("kvquant", 3, {}),
     "pq-4": ("pq", 4, {}),

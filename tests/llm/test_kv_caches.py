@@ -63,6 +63,11 @@ CASES = {
     "turboquant2.5_prerope": ("turboquant", 2.5, dict(outliers=4, pre_rope=True, center=True)),
     "turboquant3.5_first": ("turboquant", 3.5, dict(outliers=4, pre_rope=True, center=True, first_center=True)),
     "turboquant3_first_post_rope": ("turboquant", 3, dict(center=True, first_center=True)),
+    "turboquant3.5_rope_mean": (
+        "turboquant",
+        3.5,
+        dict(outliers=4, center=True, rope_mean=True, rescale=True, channel_scale=True, first_center=True),
+    ),
     "turboquant_prod": ("turboquant", 3, dict(prod=True, window=16, window_dtype="float32")),
     "pq2": ("pq", 2, {}),
     "pq3_decoded": ("pq", 3, dict(tables=False, pair_rope=False, window=16)),
@@ -323,6 +328,58 @@ def test_turboquant_first_center_codes_the_sink_on_its_own_mean(model, key):
         assert np.mean(with_first[1:]) < np.mean(without[1:])
 
 
+def test_turboquant_rope_mean_centres_each_position_on_the_rotated_mean(model, key):
+    """Keys that are one large vector mu before RoPE (plus noise), whatever the position, as this
+    model's keys are in many channels: rope_mean fits mu as the float64 mean of the keys before
+    RoPE and subtracts RoPE_p(mu) at position p, so every decoded key is >10x closer than with
+    one mean of the keys after RoPE (the average of mu's rotations, far from each of them)."""
+    kvh, hd, seq_len, n = CFG.num_kv_heads, CFG.head_dim, 64, 1024
+    rng = np.random.default_rng(5)
+    mu = 20 * rng.normal(size=(kvh, hd))
+
+    def keys_at_positions(count):  # RoPE_p(mu + noise) at p = 0 .. seq_len - 1, window after window
+        pre = (mu + 0.3 * rng.normal(size=(count, kvh, hd))).astype(np.float32)
+        post = rope(CFG, jnp.asarray(pre.reshape(-1, min(count, seq_len), kvh, hd)), jnp.int32(0))
+        return pre, np.asarray(post).reshape(count, kvh, hd)
+
+    pre, post = keys_at_positions(n)
+    weights = [np.ones_like(post)] * CFG.num_layers
+    cal = KVCalibration(CFG, seq_len, [post] * CFG.num_layers, [post] * CFG.num_layers, weights, weights)
+    errs = []
+    for rope_mean in (False, True):
+        cache = make_cache(model, "turboquant", bits=3, max_len=16, center=True, rope_mean=rope_mean, calibration=cal)
+        if rope_mean:
+            np.testing.assert_allclose(cache.key_codec.mean[0], np.asarray(pre, np.float64).mean(0), rtol=1e-4, atol=1e-4)
+        _, k = keys_at_positions(16)
+        q, _, v = _inputs(key, t=16)
+        cache = cache.attend(0, q, jnp.asarray(k)[None], v)[1].advance(16)
+        decoded = np.asarray(cache.dequantized(0, 0, 16)[0][0], np.float64)
+        errs.append(np.linalg.norm(decoded - k, axis=-1))  # (16, kvh)
+    assert np.all(errs[1] < 0.1 * errs[0]), errs
+
+
+def test_pair_channel_scales_are_the_optimum_with_one_scale_per_rope_pair():
+    """channel_scales(pairs=True): s_c = s_{c + hd/2}, and the Fisher-weighted error of rotated
+    coding, sum_c s_c^2 K_c * sum_c F_c / s_c^2 (module docstring), is the float64 closed-form
+    minimum over such scales, (sum_pairs sqrt(F_p K_p))^2, and below every perturbed tied scale."""
+    rng = np.random.default_rng(2)
+    n, kvh, hd = 4000, 2, 8
+    x = rng.normal(size=(n, kvh, hd)) * rng.uniform(0.2, 3.0, size=(kvh, hd))
+    f = rng.uniform(0.1, 5.0, size=(kvh, hd)) * np.ones((n, kvh, hd))
+    s = channel_scales(x.astype(np.float32), f.astype(np.float32), pairs=True).astype(np.float64)
+    np.testing.assert_array_equal(s[:, : hd // 2], s[:, hd // 2 :])
+    k, fm = np.mean(x**2, axis=0), f.mean(axis=0)
+
+    def cost(s):
+        return np.sum(s**2 * k, -1) * np.sum(fm / s**2, -1)
+
+    kp, fp = k[:, :4] + k[:, 4:], fm[:, :4] + fm[:, 4:]
+    np.testing.assert_allclose(cost(s), np.sum(np.sqrt(fp * kp), -1) ** 2, rtol=1e-5)
+    for _ in range(20):
+        tied = np.tile(np.exp(0.2 * rng.normal(size=(kvh, 4))), 2)
+        assert np.all(cost(s) <= cost(s * tied) * (1 + 1e-9))
+
+
 def test_pq_codebook_rows_round_trip_exactly(model):
     cache = _make(model, "pq2")
     centroids = np.asarray(cache.value_codec.centroids[0], np.float32)  # (kvh, m, k, dsub), identity order
@@ -454,7 +511,7 @@ def test_rope_table_rotates_as_the_formula_at_far_positions():
         table.rope(jnp.zeros((1, 9000, 1, 64)), jnp.int32(0))
 
 
-@pytest.mark.parametrize("name", ["kvquant3", "turboquant3.5_scaled"])
+@pytest.mark.parametrize("name", ["kvquant3", "turboquant3.5_scaled", "turboquant3.5_rope_mean"])
 def test_pre_rope_codecs_carry_a_table_as_long_as_the_stores(model, name):
     cache = _make(model, name)
     positions = lambda c: jax.tree.leaves(c.keys[0])[0].shape[1]  # noqa: E731
@@ -477,7 +534,10 @@ def test_pre_rope_codecs_carry_a_table_as_long_as_the_stores(model, name):
         ("kivi", 2, dict(group=32), "head_dim=16 is not divisible by group=32"),
         ("kivi", 2, dict(group=8, window=12), "window=12 is not a multiple of group=8"),
         ("turboquant", 3, dict(outliers=15, calibration=None), "each rotated part needs at least 2 channels"),
-        ("turboquant", 3, dict(channel_scale=True, calibration=None), "pass pre_rope=True with it"),
+        ("turboquant", 3, dict(channel_scale=True, calibration=None), "pass pre_rope=True or rope_mean=True"),
+        ("turboquant", 3, dict(rope_mean=True), "pass center=True and pre_rope=False"),
+        ("turboquant", 3, dict(rope_mean=True, center=True, pre_rope=True), "pass center=True and pre_rope=False"),
+        ("turboquant", 3, dict(rope_mean=True, center=True, outliers=3), "pass an even outliers"),
         ("turboquant", 3, dict(first_center=True), "pass center=True"),
         ("turboquant", 3, dict(first_center=True, center=True, sink=1), "use one or the other"),
         ("pq", 2, dict(m=5), "head_dim=16 is not divisible by m=5"),

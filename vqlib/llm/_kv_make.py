@@ -166,9 +166,12 @@ def make_cache(
                 value_outliers (0), pre_rope (False), center (False), prod (False: keys as
                 TurboQuant-prod), rescale (False: store least-squares scales, not norms; values
                 only with prod), channel_scale (False: per-channel scales before the rotation
-                from the loss's gradients, s = (F / K)^(1/4); needs pre_rope), first_center
-                (False: position 0's keys and values centred on their own calibration mean,
-                coded like the rest; needs center, excludes sink), window (0), num_sequences, seq_len;
+                from the loss's gradients, s = (F / K)^(1/4); needs pre_rope or rope_mean),
+                first_center (False: position 0's keys and values centred on their own
+                calibration mean, coded like the rest; needs center, excludes sink), rope_mean
+                (False: keys coded after RoPE, centred on the pre-RoPE mean rotated to each
+                position: pre_rope's statistics, read in the rotated domain without decoding
+                each key; needs center, excludes pre_rope), window (0), num_sequences, seq_len;
             pq: m (sub-spaces per head, hd/2), k (centroids, 2**(bits hd / m)), pair_rope (True:
                 keys' RoPE planes share a sub-space), tables (True), window (0), max_iter (25),
                 num_sequences (16), seq_len (512).
@@ -267,17 +270,24 @@ def _turboquant(model, bits, calibration, key, options, common):
     value_outliers = _checks.check_int(options.pop("value_outliers", 0), "value_outliers", low=0)
     flag = lambda name: _checks.check_bool(options.pop(name, False), name)  # noqa: E731
     pre_rope, center, prod, rescale = flag("pre_rope"), flag("center"), flag("prod"), flag("rescale")
-    channel_scale, first_center = flag("channel_scale"), flag("first_center")
+    channel_scale, first_center, rope_mean = flag("channel_scale"), flag("first_center"), flag("rope_mean")
     if first_center and not center:
         raise ValueError("first_center centres position 0 on its own calibration mean: pass center=True")
     if first_center and common["sink"]:
         raise ValueError("first_center codes position 0, which sink keeps in full precision: use one or the other")
-    if channel_scale and not pre_rope:
+    if channel_scale and not (pre_rope or rope_mean):
         raise ValueError(
-            "channel_scale fits key scales on the loss's gradients of the keys before RoPE: pass pre_rope=True with it"
+            "channel_scale fits key scales on the loss's gradients of the keys before RoPE: pass pre_rope=True "
+            "or rope_mean=True with it"
         )
     if prod and key_bits < 2:
         raise ValueError("prod spends one bit on the residual sketch: pass key_bits >= 2")
+    if rope_mean and (pre_rope or not center):
+        raise ValueError(
+            "rope_mean codes keys after RoPE centred on their rotated pre-RoPE mean: pass center=True and pre_rope=False"
+        )
+    if rope_mean and outliers % 2:
+        raise ValueError(f"rope_mean picks key outlier channels in RoPE pairs: pass an even outliers, got {outliers}")
     window, settings = _pop_window(options, 0)
     needs_data = outliers or value_outliers or center or channel_scale
     cal = _calibration(model, calibration, options, sensitivity=channel_scale) if needs_data else None
@@ -285,7 +295,7 @@ def _turboquant(model, bits, calibration, key, options, common):
     k_rot, v_rot = jax.random.split(key)
     ks = vs = kw = vw = k_first = v_first = None
     if cal is not None:
-        ks = cal.keys_before_rope() if pre_rope else cal.keys
+        ks = cal.keys_before_rope() if (pre_rope or rope_mean) else cal.keys
         vs = cal.values
         if channel_scale:
             kw, vw = cal.key_weights, cal.value_weights
@@ -297,7 +307,7 @@ def _turboquant(model, bits, calibration, key, options, common):
         ks, vs, kw, vw = (skip_first(a, cal.seq_len, skip) for a in (ks, vs, kw, vw))
     kc = fit_turboquant_codec(
         k_rot, config, ks, bits=key_bits, outliers=outliers, pre_rope=pre_rope, center=center, prod=prod,
-        rescale=rescale and not prod, sensitivity=kw, first_samples=k_first,
+        rescale=rescale and not prod, sensitivity=kw, first_samples=k_first, rope_mean=rope_mean,
     )  # fmt: skip
     vc = fit_turboquant_codec(
         v_rot, config, vs, bits=value_bits, outliers=value_outliers, center=center, rescale=rescale, sensitivity=vw,
@@ -306,7 +316,7 @@ def _turboquant(model, bits, calibration, key, options, common):
     desc = (("bits", bits), ("key_bits", key_bits), ("value_bits", value_bits), ("outliers", kc.outliers))
     desc += (("pre_rope", pre_rope), ("center", center), ("prod", prod), ("window", window))
     desc += (("rescale", rescale), ("channel_scale", channel_scale), ("sink", common["sink"]))
-    desc += (("first_center", first_center),)
+    desc += (("first_center", first_center), ("rope_mean", rope_mean))
     return empty_cache(kc, vc, config, **common, **settings, description=desc)
 
 

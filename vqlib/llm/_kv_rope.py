@@ -53,7 +53,8 @@ class RopeTable:
     def capacity(self) -> int:
         return self.cos.shape[0]
 
-    def _at(self, start, size: int):
+    def angles(self, start, size: int):
+        """cos and sin (size, hd) of positions start .. start + size - 1."""
         if size > self.capacity:
             raise ValueError(f"a RoPE table of {self.capacity} positions cannot rotate {size} at once")
         c = lax.dynamic_slice_in_dim(self.cos, start, size, axis=0)
@@ -61,12 +62,20 @@ class RopeTable:
 
     def rope(self, x, start):
         """As `rope`, x (b, size, heads, hd) at positions start .. start + size - 1 < capacity."""
-        cos, sin = self._at(start, x.shape[1])
+        cos, sin = self.angles(start, x.shape[1])
         return apply_rope(x, cos, sin)
 
     def unrope(self, x, start):
-        cos, sin = self._at(start, x.shape[1])
+        cos, sin = self.angles(start, x.shape[1])
         return apply_rope(x, cos, -sin)
+
+
+def angles_at(table: RopeTable | None, config: LlamaConfig, start, size: int):
+    """cos and sin (size, hd) of positions start .. start + size - 1: from the table when a cache
+    gave one, else from the config."""
+    if table is None:
+        return rope_tables(config, positions_of(start, size))
+    return table.angles(start, size)
 
 
 def rope_at(table: RopeTable | None, config: LlamaConfig, x, start, *, inverse: bool = False):

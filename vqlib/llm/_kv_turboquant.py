@@ -36,6 +36,17 @@ sink's value error enters every output with the sink's large attention weight. W
 `mean_first`, position 0 is centred on its own calibration mean instead, and coded with the same
 bits as every other position (no full-precision copy; the mean costs what the common one does).
 
+Rotated-mean centring (`rope_mean`, keys). Keys before RoPE have large per-channel means, which
+RoPE turns with the position: after RoPE one mean fits no position, and coding keys before RoPE
+makes every read decode each key and rotate it back (a (hd, hd) product per key per tile). Keys
+are instead coded after RoPE, centred on the pre-RoPE mean rotated to their position,
+k_p - RoPE_p(mean) = RoPE_p(k_pre - mean): the same centred vector as before RoPE, turned by an
+orthogonal map, so its norm and its coding error under the random rotation are the same. Channel
+scales and outlier channels are taken per RoPE pair (c, c + hd/2), where they commute with RoPE
+(the tied optimum: F and K summed over the pair). A key tile is then scored in the rotated domain
+as post-RoPE codes are, plus q . RoPE_p(mean) = cos_p . a + sin_p . c with a = q * mean and
+c = q * rotate_half(mean) (each folded to hd/2, cos and sin repeating over the halves).
+
 `prod=True` (keys; the "turboquant_prod" variant, `fit_turboquant_prod`): (b - 1)-bit
 TurboQuant-mse of the whole head plus a 1-bit QJL sketch of the residual with gamma = ||r||,
 unbiased inner products: q . x ~ ||x|| ((M q) . c[idx] + sqrt(pi / 2) / hd gamma (S M^T M q) . z).
@@ -64,7 +75,7 @@ from vqlib.codebooks import fit_turboquant, fit_turboquant_prod, pack_codes, rot
 from vqlib.kernels import nearest_level
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
-from vqlib.llm._kv_rope import RopeTable, rope_at
+from vqlib.llm._kv_rope import RopeTable, angles_at, rope_at
 
 _HIGHEST = lax.Precision.HIGHEST
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -96,6 +107,9 @@ class TurboQuantKVCodec(TileCodec):
             (None outside a cache: then computed from config).
         mean_first: per layer, (kvh, hd) float32 subtracted at position 0 instead of `mean`, or
             () for none (module docstring).
+        rope_mean: keys coded after RoPE, centred on the mean before RoPE rotated to each
+            position, RoPE_p(mean) (module docstring); channel scales and outlier channels come
+            in RoPE pairs, so the codes read like post-RoPE ones.
     """
 
     matrix: tuple
@@ -113,6 +127,7 @@ class TurboQuantKVCodec(TileCodec):
     prod: bool = static_field(False)
     centered: bool = static_field(False)
     rescale: bool = static_field(False)
+    rope_mean: bool = static_field(False)
 
     # ------------------------------------------------------------------ layout
 
@@ -149,6 +164,8 @@ class TurboQuantKVCodec(TileCodec):
     def _mean_at(self, layer, start, size: int):
         """(1, size, kvh, hd) or (1, 1, kvh, hd): the mean subtracted at positions start .. start + size - 1."""
         mean = self.mean[layer][None, None]
+        if self.rope_mean:
+            mean = rope_at(self.rope_table, self.config, jnp.broadcast_to(mean, (1, size, *mean.shape[2:])), start)
         if not self.mean_first:
             return mean
         first = self._is_first(start, size)[None, :, None, None]
@@ -244,25 +261,50 @@ class TurboQuantKVCodec(TileCodec):
         return rope_at(self.rope_table, self.config, x, start) if self.pre_rope else x
 
     def for_capacity(self, capacity):
-        return dataclasses.replace(self, rope_table=RopeTable.build(self.config, capacity)) if self.pre_rope else self
+        if not (self.pre_rope or self.rope_mean):
+            return self
+        return dataclasses.replace(self, rope_table=RopeTable.build(self.config, capacity))
 
     def prepare(self, layer, q):
         if self.pre_rope:
             return q
         q_rot = jnp.einsum("khd,bkgtd->bkgth", self.matrix[layer], self._unscale(layer, q), precision=_HIGHEST)
-        q_mean = jnp.einsum("bkgtd,kd->bkgt", q, self.mean[layer], precision=_HIGHEST)
+        q_mean = self._query_mean(layer, q)
         q_sketch = jnp.einsum("khd,bkgtd->bkgth", self.sketch[layer], q_rot, precision=_HIGHEST) if self.prod else None
         q_first = None
         if self.mean_first:  # q . (mean_first - mean): position 0's score on top of q . mean
             q_first = jnp.einsum("bkgtd,kd->bkgt", q, self.mean_first[layer] - self.mean[layer], precision=_HIGHEST)
         return q_rot, q_mean, q_sketch, q_first
 
+    def _query_mean(self, layer, q):
+        """What q . mean needs: (b, kvh, g, t) q . mean, or with rope_mean the two (b, kvh, g, t,
+        hd/2) vectors a, c of q . RoPE_p(mean) = cos_p . a + sin_p . c (cos and sin repeat over
+        the two halves of a head, so each vector is folded to one half)."""
+        mean = self.mean[layer]
+        if not self.rope_mean:
+            return jnp.einsum("bkgtd,kd->bkgt", q, mean, precision=_HIGHEST)
+        half = mean.shape[-1] // 2
+        turned = jnp.concatenate([-mean[:, half:], mean[:, :half]], axis=-1)  # apply_rope's rotate-half
+        a, c = (q * m[None, :, None, None, :] for m in (mean, turned))
+        return a[..., :half] + a[..., half:], c[..., :half] + c[..., half:]
+
+    def _mean_scores(self, q_mean, start, size: int):
+        """(b, kvh, g, t, size or 1): q . (the mean at each position)."""
+        if not self.rope_mean:
+            return q_mean[..., None]
+        a, c = q_mean
+        cos, sin = angles_at(self.rope_table, self.config, start, size)
+        half = a.shape[-1]
+        return jnp.einsum("bkgtf,sf->bkgts", a, cos[:, :half], precision=_HIGHEST) + jnp.einsum(
+            "bkgtf,sf->bkgts", c, sin[:, :half], precision=_HIGHEST
+        )
+
     def scores(self, layer, store, qstate, start, size):
         if self.pre_rope:
             return TileCodec.scores(self, layer, store, qstate, start, size)
         q_rot, q_mean, q_sketch, q_first = qstate
         y, norms = self._rotated(store, start, size)
-        s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + q_mean[..., None]
+        s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + self._mean_scores(q_mean, start, size)
         if q_first is not None:
             s = s + jnp.where(self._is_first(start, size), q_first[..., None], 0.0)
         if self.prod:
@@ -316,6 +358,7 @@ def fit_turboquant_codec(
     rescale: bool = False,
     sensitivity=None,
     first_samples=None,
+    rope_mean: bool = False,
 ) -> TurboQuantKVCodec:
     """Draws the rotations (per layer and head) and picks outlier channels and means from samples.
 
@@ -335,11 +378,18 @@ def fit_turboquant_codec(
         first_samples: per layer, (m, kvh, hd) vectors at position 0 (in the coded domain, as
             samples; samples then hold the other positions only): position 0 is centred on their
             mean (`mean_first`); None: on the common mean.
+        rope_mean: keys coded after RoPE, centred on RoPE_p(mean) at position p; samples (and
+            sensitivity, first_samples) are keys before RoPE; channel scales and outlier
+            channels in RoPE pairs (c, c + hd/2), so that both commute with RoPE.
     """
     kvh, hd, num_layers = config.num_kv_heads, config.head_dim, config.num_layers
     if prod and rescale:
         raise ValueError("prod's inner products are unbiased only with the stored norms: pass rescale=False with prod")
     n_out = 0 if prod else outliers
+    if rope_mean and (pre_rope or not center):
+        raise ValueError("rope_mean centres post-RoPE keys on a rotated pre-RoPE mean: pass center=True, pre_rope=False")
+    if rope_mean and n_out % 2:
+        raise ValueError(f"rope_mean picks outlier channels in RoPE pairs: pass an even outliers, got {outliers}")
     if first_samples is not None and not center:
         raise ValueError("first_samples centres position 0 on its own mean: pass center=True with it")
     if samples is None and (n_out or center or sensitivity is not None):
@@ -366,14 +416,14 @@ def fit_turboquant_codec(
         mu = x.mean(axis=0) if (center and x is not None) else np.zeros((kvh, hd), np.float32)
         s = np.ones((kvh, hd), np.float32)
         if sensitivity is not None:
-            s = channel_scales(x - mu, np.asarray(sensitivity[layer], np.float32))
+            s = channel_scales(x - mu, np.asarray(sensitivity[layer], np.float32), pairs=rope_mean)
             scales.append(jnp.asarray(s))
         mats, sks = [], []
         for h in range(kvh):
             k_out, k_reg = jax.random.split(keys[layer, h])
             if n_out:
                 energy = (((x[:, h] - mu[h]) * s[h]) ** 2).mean(axis=0)
-                order = np.argsort(-energy, kind="stable")
+                order = _pair_order(energy) if rope_mean else np.argsort(-energy, kind="stable")
             else:
                 order = np.arange(hd)
             perm = np.eye(hd, dtype=np.float32)[order]  # rows: the chosen channel order
@@ -392,19 +442,30 @@ def fit_turboquant_codec(
     return TurboQuantKVCodec(
         tuple(matrices), tuple(means), jnp.asarray(levels_out), jnp.asarray(levels_reg), tuple(sketches),
         tuple(scales), firsts, config=config, bits=bits, outliers=n_out, pre_rope=pre_rope, prod=prod,
-        centered=bool(center), rescale=rescale,
+        centered=bool(center), rescale=rescale, rope_mean=rope_mean,
     )  # fmt: skip
 
 
-def channel_scales(x: np.ndarray, fisher: np.ndarray) -> np.ndarray:
+def _pair_order(energy: np.ndarray) -> np.ndarray:
+    """Channels by decreasing energy of their RoPE pair (c, c + hd/2), a pair's two channels together."""
+    half = energy.shape[-1] // 2
+    pairs = np.argsort(-(energy[:half] + energy[half:]), kind="stable")
+    return np.stack([pairs, pairs + half], axis=-1).reshape(-1)
+
+
+def channel_scales(x: np.ndarray, fisher: np.ndarray, *, pairs: bool = False) -> np.ndarray:
     """Scales s (kvh, hd) minimising the Fisher-weighted error of rotated coding (module
     docstring): s_c^2 = sqrt(F_c / K_c) from x (n, kvh, hd) (centred) and fisher (n, kvh, hd),
     with F and K floored at 1e-6 of their head's mean (a channel never read or never used gets
-    no infinite or zero scale), normalised to a geometric mean of 1 per head."""
+    no infinite or zero scale), normalised to a geometric mean of 1 per head. pairs: one scale
+    per RoPE pair (c, c + hd/2), the optimum under that constraint (F and K summed over the pair)."""
     if x.shape != fisher.shape:
         raise ValueError(f"sensitivity has shape {fisher.shape}, the samples {x.shape}: pass aligned calibration")
     k = np.mean(np.square(x, dtype=np.float64), axis=0)
     f = np.mean(fisher.astype(np.float64), axis=0)
+    if pairs:
+        half = k.shape[-1] // 2
+        k, f = (np.tile(a[..., :half] + a[..., half:], 2) for a in (k, f))
     k = np.maximum(k, 1e-6 * k.mean(axis=-1, keepdims=True) + 1e-30)
     f = np.maximum(f, 1e-6 * f.mean(axis=-1, keepdims=True) + 1e-30)
     log_s = 0.25 * (np.log(f) - np.log(k))
