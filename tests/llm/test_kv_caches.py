@@ -349,7 +349,8 @@ def test_turboquant_rope_mean_centres_each_position_on_the_rotated_mean(model, k
     for rope_mean in (False, True):
         cache = make_cache(model, "turboquant", bits=3, max_len=16, center=True, rope_mean=rope_mean, calibration=cal)
         if rope_mean:
-            np.testing.assert_allclose(cache.key_codec.mean[0], np.asarray(pre, np.float64).mean(0), rtol=1e-4, atol=1e-4)
+            want = np.asarray(pre, np.float64).mean(0)
+            np.testing.assert_allclose(cache.key_codec.mean[0], want, rtol=1e-4, atol=1e-4)
         _, k = keys_at_positions(16)
         q, _, v = _inputs(key, t=16)
         cache = cache.attend(0, q, jnp.asarray(k)[None], v)[1].advance(16)

@@ -284,7 +284,8 @@ def _turboquant(model, bits, calibration, key, options, common):
         raise ValueError("prod spends one bit on the residual sketch: pass key_bits >= 2")
     if rope_mean and (pre_rope or not center):
         raise ValueError(
-            "rope_mean codes keys after RoPE centred on their rotated pre-RoPE mean: pass center=True and pre_rope=False"
+            "rope_mean codes keys after RoPE centred on their rotated pre-RoPE mean: "
+            "pass center=True and pre_rope=False"
         )
     if rope_mean and outliers % 2:
         raise ValueError(f"rope_mean picks key outlier channels in RoPE pairs: pass an even outliers, got {outliers}")

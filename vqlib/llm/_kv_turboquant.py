@@ -387,7 +387,9 @@ def fit_turboquant_codec(
         raise ValueError("prod's inner products are unbiased only with the stored norms: pass rescale=False with prod")
     n_out = 0 if prod else outliers
     if rope_mean and (pre_rope or not center):
-        raise ValueError("rope_mean centres post-RoPE keys on a rotated pre-RoPE mean: pass center=True, pre_rope=False")
+        raise ValueError(
+            "rope_mean centres post-RoPE keys on a rotated pre-RoPE mean: pass center=True and pre_rope=False"
+        )
     if rope_mean and n_out % 2:
         raise ValueError(f"rope_mean picks outlier channels in RoPE pairs: pass an even outliers, got {outliers}")
     if first_samples is not None and not center:
