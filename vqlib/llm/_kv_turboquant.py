@@ -228,23 +228,29 @@ class TurboQuantKVCodec(TileCodec):
         new["norms"] = write_positions(store["norms"], jnp.concatenate(norms, axis=-1), start)
         return new
 
-    def _rotated(self, store, start, size, *, with_sketch: bool = True):
-        """(b, size, kvh, hd) decoded tile in the rotated domain, and the norms (b, size, kvh, n)."""
+    def _levels(self, store, start, size):
+        """The tile's levels in the rotated domain, per part before its norm: [(b, size, kvh,
+        n_out) outlier part,] (b, size, kvh, hd - n_out) regular part; and the norms (b, size,
+        kvh, num_norms) float32, the outlier part's first."""
         norms = slice_positions(store["norms"], start, size).astype(jnp.float32)
         n_out = self.outliers
         hd = self.matrix[0].shape[-1]
         parts = []
         if n_out:
             idx = unpack_codes(slice_positions(store["out"], start, size), self.bits + 1, n_out)
-            parts.append(jnp.take(self.levels_out, idx) * norms[..., :1])
+            parts.append(jnp.take(self.levels_out, idx))
         if self.reg_bits:
             idx = unpack_codes(slice_positions(store["reg"], start, size), self.reg_bits, hd - n_out)
-            reg = jnp.take(self.levels_reg, idx)
+            parts.append(jnp.take(self.levels_reg, idx))
         else:
-            reg = jnp.zeros((*norms.shape[:-1], hd - n_out), jnp.float32)
-        r = 1 if n_out else 0  # the regular part's norm follows the outlier part's
-        parts.append(reg * norms[..., r : r + 1])
-        return jnp.concatenate(parts, axis=-1) if n_out else parts[0], norms
+            parts.append(jnp.zeros((*norms.shape[:-1], hd - n_out), jnp.float32))
+        return parts, norms
+
+    def _rotated(self, store, start, size):
+        """(b, size, kvh, hd) decoded tile in the rotated domain, and the norms (b, size, kvh, n)."""
+        parts, norms = self._levels(store, start, size)
+        scaled = [part * norms[..., i : i + 1] for i, part in enumerate(parts)]
+        return jnp.concatenate(scaled, axis=-1) if len(scaled) > 1 else scaled[0], norms
 
     def _signs(self, store, start, size, hd):
         return 2.0 * unpack_codes(slice_positions(store["signs"], start, size), 1, hd).astype(jnp.float32) - 1.0
@@ -303,12 +309,19 @@ class TurboQuantKVCodec(TileCodec):
         if self.pre_rope:
             return TileCodec.scores(self, layer, store, qstate, start, size)
         q_rot, q_mean, q_sketch, q_first = qstate
-        y, norms = self._rotated(store, start, size)
-        s = jnp.einsum("bkgth,bskh->bkgts", q_rot, y, precision=_HIGHEST) + self._mean_scores(q_mean, start, size)
+        parts, norms = self._levels(store, start, size)
+        # per part q . levels, times the part's norm per position (not per element)
+        s = self._mean_scores(q_mean, start, size)
+        done = 0
+        for i, part in enumerate(parts):
+            width = part.shape[-1]
+            dots = jnp.einsum("bkgth,bskh->bkgts", q_rot[..., done : done + width], part, precision=_HIGHEST)
+            s = s + dots * norms[..., i].transpose(0, 2, 1)[:, :, None, None, :]
+            done += width
         if q_first is not None:
             s = s + jnp.where(self._is_first(start, size), q_first[..., None], 0.0)
         if self.prod:
-            hd = y.shape[-1]
+            hd = q_rot.shape[-1]
             z = self._signs(store, start, size, hd)
             weight = (SQRT_HALF_PI / hd) * norms[..., 0] * norms[..., -1]  # (b, size, kvh)
             sk = jnp.einsum("bkgth,bskh->bkgts", q_sketch, z, precision=_HIGHEST)
@@ -318,8 +331,14 @@ class TurboQuantKVCodec(TileCodec):
     def mix(self, layer, store, probs, start, size):
         if not self._reads_rotated:
             return TileCodec.mix(self, layer, store, probs, start, size)
-        y, _ = self._rotated(store, start, size)
-        acc = jnp.einsum("bkgts,bskh->bkgth", probs, y, precision=_HIGHEST)
+        parts, norms = self._levels(store, start, size)
+        # each part's norm folded into the probabilities (per position, not per element)
+        acc = [
+            jnp.einsum("bkgts,bskh->bkgth", probs * norms[..., i].transpose(0, 2, 1)[:, :, None, None, :], part,
+                       precision=_HIGHEST)
+            for i, part in enumerate(parts)
+        ]  # fmt: skip
+        acc = jnp.concatenate(acc, axis=-1) if len(acc) > 1 else acc[0]
         if not self.mean_first:
             return acc
         first = jnp.sum(jnp.where(self._is_first(start, size), probs, 0.0), axis=-1)
