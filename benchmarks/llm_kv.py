@@ -19,6 +19,7 @@ to benchmarks/results/llm_kv.json (rows already there are kept unless --redo).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -91,12 +92,18 @@ ROWS = {
 }
 
 
-def decode_ms_per_token(model, cache, test_ids, context: int, steps: int = 16) -> float:
-    """Milliseconds per greedy decode step with `context` tokens already in an empty copy of `cache`."""
+def decode_ms_per_token(model, cache, test_ids, context: int, steps: int = 16, prefill: bool = True) -> float:
+    """Milliseconds per greedy decode step with `context` tokens already in an empty copy of `cache`.
+
+    prefill=False skips the prompt: the cache's length is set to context - 1 over its empty
+    (zero) stores. A step costs the same either way (no cache reads data-dependently: the tiles
+    read follow the length only), and a compressed cache's 8,192-token prefill takes minutes."""
     cache = jax.tree.map(jnp.copy, empty_like(cache, max_len=context + steps + 1))  # next_token donates it
     ids = jnp.asarray(test_ids[:context], jnp.int32)[None]
     done = 0
-    for size in prefill_chunks(context - 1):
+    if not prefill:
+        cache, done = dataclasses.replace(cache, length=jnp.int32(context - 1)), context - 1
+    for size in prefill_chunks(context - 1) if prefill else ():
         _, cache = forward(model.params, model.config, ids[:, done : done + size], cache)
         done += size
     key, temp = jax.random.key(0), jnp.float32(1.0)
@@ -117,12 +124,13 @@ def build(name: str, model):
     return vqlib.llm.make_cache(model, method, bits=bits, max_len=CTX, **options)
 
 
-def retime(row: dict, model, test_ids, decode: tuple[int, ...]) -> dict:
+def retime(row: dict, model, test_ids, decode: tuple[int, ...], prefill: bool = True) -> dict:
     """The row with its decode times measured again (perplexity kept), and the load they ran under."""
     cache = build(row["row"], model)
-    row = dict(row, decode_load_average=round(os.getloadavg()[0], 2))
+    row = dict(row, decode_load_average=round(os.getloadavg()[0], 2), decode_prefill=prefill)
+    row["decode_cpu"], row["decode_date"] = describe(), datetime.date.today().isoformat()
     for context in decode:
-        row[f"decode_ms_{context}"] = round(decode_ms_per_token(model, cache, test_ids, context), 1)
+        row[f"decode_ms_{context}"] = round(decode_ms_per_token(model, cache, test_ids, context, prefill=prefill), 1)
     print(json.dumps(row), flush=True)
     return row
 
@@ -199,6 +207,9 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true", help="recompute rows already in the results file")
     parser.add_argument("--decode", default="", help="contexts to time decode steps at, e.g. 1024,8192")
     parser.add_argument("--retime", action="store_true", help="only time decoding again for rows already run")
+    parser.add_argument(
+        "--no-prefill", action="store_true", help="time decode steps over empty stores set to the context's length"
+    )
     args = parser.parse_args()
     decode = tuple(int(c) for c in args.decode.split(",") if c)
     store = RESULTS / "llm_kv.json"
@@ -212,7 +223,7 @@ def main() -> None:
         if args.retime:
             if name not in done:
                 raise SystemExit(f"--retime: row {name!r} has not run yet")
-            done = save_row(store, name, retime(done[name], model, test_ids, decode))
+            done = save_row(store, name, retime(done[name], model, test_ids, decode, prefill=not args.no_prefill))
             continue
         timed = all(f"decode_ms_{c}" in done.get(name, {}) for c in decode)
         if name in done and not args.redo and done[name].get("windows") == args.windows and timed:

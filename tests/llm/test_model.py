@@ -141,3 +141,18 @@ def test_config_and_param_errors():
         LlamaConfig(vocab_size=8, dim=8, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=3, hidden_dim=8)
     cfg = LlamaConfig(vocab_size=8, dim=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, hidden_dim=8)
     assert init_params(jax.random.key(0), cfg).blocks[0].wk.shape == (4, 8)
+
+
+def test_float_cache_past_max_len_gives_nan_not_a_clamped_write():
+    """Buffers are padded to a multiple of ALIGN positions, but max_len is the capacity: a call
+    that would store past it returns NaN (dynamic_update_slice would clamp it silently), and
+    one that fits gives the float64 reference's logits."""
+    weights, model = tiny_model(9)
+    tokens = np.array([[3, 1, 4, 1, 5, 9]])
+    cache = init_float_cache(model.config, 1, 5)
+    assert cache.max_len == 5 and cache.keys[0].shape[1] % 64 == 0
+    logits, cache = forward(model.params, model.config, jnp.asarray(tokens[:, :5]), cache)
+    want = reference.forward(weights, tokens[0, :5], num_heads=4, num_kv_heads=2, head_dim=8)
+    np.testing.assert_allclose(np.asarray(logits[0]), want, rtol=1e-4, atol=1e-4)
+    over, _ = forward(model.params, model.config, jnp.asarray(tokens[:, 5:]), cache)
+    assert np.all(np.isnan(np.asarray(over)))

@@ -24,7 +24,7 @@ import numpy as np
 
 from vqlib import _checks
 from vqlib.llm._config import LlamaConfig
-from vqlib.llm._kv_cache import FloatKVCache, init_float_cache
+from vqlib.llm._kv_cache import FloatKVCache, float_buffers, init_float_cache
 from vqlib.llm._kv_calibrate import calibration_tokens, collect_kv, kv_sensitivity, pre_rope_keys
 from vqlib.llm._kv_engine import CompressedKVCache, empty_cache
 from vqlib.llm._kv_kivi import kivi_codecs
@@ -351,10 +351,8 @@ def _no_more(options: dict, method: str) -> None:
 def empty_like(cache, *, max_len: int | None = None, batch: int | None = None):
     """An empty cache with the same method, settings and fitted codebooks (another capacity or batch)."""
     if isinstance(cache, FloatKVCache):
-        b, cap, kvh, hd = cache.keys[0].shape
-        shape = (batch or b, max_len or cap, kvh, hd)
-        zeros = tuple(jnp.zeros(shape, cache.keys[0].dtype) for _ in cache.keys)
-        return FloatKVCache(zeros, tuple(jnp.zeros_like(z) for z in zeros), jnp.int32(0))
+        b, _, kvh, hd = cache.keys[0].shape
+        return float_buffers(len(cache.keys), batch or b, max_len or cache.max_len, kvh, hd, cache.keys[0].dtype)
     if not isinstance(cache, CompressedKVCache):
         raise TypeError(f"expected a cache from make_cache, got {type(cache).__name__}")
     return empty_cache(
@@ -390,7 +388,8 @@ def cache_batch(cache) -> int:
 def check_cache_for(cache, model: Model, num_tokens: int) -> None:
     """ValueError unless `cache` is empty, was built for `model`'s config and holds num_tokens."""
     if isinstance(cache, FloatKVCache):
-        _, cap, kvh, hd = cache.keys[0].shape
+        _, _, kvh, hd = cache.keys[0].shape
+        cap = cache.max_len
         c = model.config
         if (len(cache.keys), kvh, hd) != (c.num_layers, c.num_kv_heads, c.head_dim):
             raise ValueError(
