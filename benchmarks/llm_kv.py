@@ -200,6 +200,33 @@ def table(rows: list[dict]) -> str:
     )
 
 
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    """Perplexity (the rows' own windows, 8 unless said) against bits per element, one marker
+    per method, every row a point (settings differ within a method), the float cache as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = dict(kivi="s", kvquant="^", turboquant="o", pq="D")
+    for method, marker in markers.items():
+        pts = [(r["bits_per_element"], r["ppl"]) for r in rows if r["method"] == method and r.get("windows") == 8]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, ls="", ms=7, label=method)
+    base = next((r["ppl"] for r in rows if r["method"] == "float" and r.get("windows") == 8), None)
+    if base:
+        ax.axhline(base, color="k", ls="--", lw=1, label=f"float cache {base:.2f}")
+        ax.axhline(1.05 * base, color="k", ls=":", lw=1, label="+5%")
+    ax.set_xlabel("bits per key / value element (side data, window and sink counted; 1,024 tokens)")
+    ax.set_ylabel("WikiText-2 perplexity (first 8 windows of 1,024)")
+    ax.set_title("SmolLM2-135M-Instruct, compressed KV caches (vqlib.llm.make_cache)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (no name has a comma)")
@@ -233,7 +260,9 @@ def main() -> None:
                 done = save_row(store, name, add_windows(done[name], model, test_ids, args.windows))
             continue
         done = save_row(store, name, run_row(name, model, test_ids, args.windows, decode))
-    print(table([done[n] for n in ROWS if n in done]))
+    rows = [done[n] for n in ROWS if n in done]
+    plot(rows, RESULTS / "llm_kv_ppl_vs_bits.png")
+    print(table(rows))
 
 
 if __name__ == "__main__":
