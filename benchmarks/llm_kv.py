@@ -100,12 +100,13 @@ def decode_ms_per_token(model, cache, test_ids, context: int, steps: int = 16, p
     read follow the length only), and a compressed cache's 8,192-token prefill takes minutes."""
     cache = jax.tree.map(jnp.copy, empty_like(cache, max_len=context + steps + 1))  # next_token donates it
     ids = jnp.asarray(test_ids[:context], jnp.int32)[None]
-    done = 0
-    if not prefill:
+    if prefill:
+        done = 0
+        for size in prefill_chunks(context - 1):
+            _, cache = forward(model.params, model.config, ids[:, done : done + size], cache)
+            done += size
+    else:
         cache, done = dataclasses.replace(cache, length=jnp.int32(context - 1)), context - 1
-    for size in prefill_chunks(context - 1) if prefill else ():
-        _, cache = forward(model.params, model.config, ids[:, done : done + size], cache)
-        done += size
     key, temp = jax.random.key(0), jnp.float32(1.0)
     token, cache = next_token(model.params, model.config, ids[:, done:], cache, key, temp, greedy=True)
     jax.block_until_ready(token)  # compiled and warm

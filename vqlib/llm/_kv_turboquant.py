@@ -76,6 +76,7 @@ from vqlib.kernels import nearest_level
 from vqlib.llm._config import LlamaConfig
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
 from vqlib.llm._kv_rope import RopeTable, angles_at, rope_at
+from vqlib.llm._model import rotate_half
 
 _HIGHEST = lax.Precision.HIGHEST
 SQRT_HALF_PI = math.sqrt(math.pi / 2)
@@ -289,10 +290,7 @@ class TurboQuantKVCodec(TileCodec):
         mean = self.mean[layer]
         if not self.rope_mean:
             return jnp.einsum("bkgtd,kd->bkgt", q, mean, precision=_HIGHEST)
-        half = mean.shape[-1] // 2
-        turned = jnp.concatenate([-mean[:, half:], mean[:, :half]], axis=-1)  # apply_rope's rotate-half
-        a, c = (q * m[None, :, None, None, :] for m in (mean, turned))
-        return a[..., :half] + a[..., half:], c[..., :half] + c[..., half:]
+        return tuple(_fold_halves(q * m[None, :, None, None, :]) for m in (mean, rotate_half(mean)))
 
     def _mean_scores(self, q_mean, start, size: int):
         """(b, kvh, g, t, size or 1): q . (the mean at each position)."""
@@ -316,7 +314,7 @@ class TurboQuantKVCodec(TileCodec):
         for i, part in enumerate(parts):
             width = part.shape[-1]
             dots = jnp.einsum("bkgth,bskh->bkgts", q_rot[..., done : done + width], part, precision=_HIGHEST)
-            s = s + dots * norms[..., i].transpose(0, 2, 1)[:, :, None, None, :]
+            s = s + dots * _per_position(norms[..., i])
             done += width
         if q_first is not None:
             s = s + jnp.where(self._is_first(start, size), q_first[..., None], 0.0)
@@ -325,7 +323,7 @@ class TurboQuantKVCodec(TileCodec):
             z = self._signs(store, start, size, hd)
             weight = (SQRT_HALF_PI / hd) * norms[..., 0] * norms[..., -1]  # (b, size, kvh)
             sk = jnp.einsum("bkgth,bskh->bkgts", q_sketch, z, precision=_HIGHEST)
-            s = s + sk * weight.transpose(0, 2, 1)[:, :, None, None, :]
+            s = s + sk * _per_position(weight)
         return s
 
     def mix(self, layer, store, probs, start, size):
@@ -334,10 +332,9 @@ class TurboQuantKVCodec(TileCodec):
         parts, norms = self._levels(store, start, size)
         # each part's norm folded into the probabilities (per position, not per element)
         acc = [
-            jnp.einsum("bkgts,bskh->bkgth", probs * norms[..., i].transpose(0, 2, 1)[:, :, None, None, :], part,
-                       precision=_HIGHEST)
+            jnp.einsum("bkgts,bskh->bkgth", probs * _per_position(norms[..., i]), part, precision=_HIGHEST)
             for i, part in enumerate(parts)
-        ]  # fmt: skip
+        ]
         acc = jnp.concatenate(acc, axis=-1) if len(acc) > 1 else acc[0]
         if not self.mean_first:
             return acc
@@ -467,11 +464,21 @@ def fit_turboquant_codec(
     )  # fmt: skip
 
 
+def _per_position(w):
+    """(b, size, kvh) per-position weights -> (b, kvh, 1, 1, size), to scale (b, kvh, g, t, size) scores."""
+    return w.transpose(0, 2, 1)[:, :, None, None, :]
+
+
+def _fold_halves(x):
+    """(..., hd) -> (..., hd/2): each RoPE pair (c, c + hd/2) summed."""
+    half = x.shape[-1] // 2
+    return x[..., :half] + x[..., half:]
+
+
 def _pair_order(energy: np.ndarray) -> np.ndarray:
     """Channels by decreasing energy of their RoPE pair (c, c + hd/2), a pair's two channels together."""
-    half = energy.shape[-1] // 2
-    pairs = np.argsort(-(energy[:half] + energy[half:]), kind="stable")
-    return np.stack([pairs, pairs + half], axis=-1).reshape(-1)
+    pairs = np.argsort(-_fold_halves(energy), kind="stable")
+    return np.stack([pairs, pairs + len(pairs)], axis=-1).reshape(-1)
 
 
 def channel_scales(x: np.ndarray, fisher: np.ndarray, *, pairs: bool = False) -> np.ndarray:
@@ -485,8 +492,7 @@ def channel_scales(x: np.ndarray, fisher: np.ndarray, *, pairs: bool = False) ->
     k = np.mean(np.square(x, dtype=np.float64), axis=0)
     f = np.mean(fisher.astype(np.float64), axis=0)
     if pairs:
-        half = k.shape[-1] // 2
-        k, f = (np.tile(a[..., :half] + a[..., half:], 2) for a in (k, f))
+        k, f = (np.tile(_fold_halves(a), 2) for a in (k, f))
     k = np.maximum(k, 1e-6 * k.mean(axis=-1, keepdims=True) + 1e-30)
     f = np.maximum(f, 1e-6 * f.mean(axis=-1, keepdims=True) + 1e-30)
     log_s = 0.25 * (np.log(f) - np.log(k))

@@ -102,11 +102,15 @@ def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def rotate_half(x: jax.Array) -> jax.Array:
+    """(..., hd) -> [-x[hd/2:], x[:hd/2]]: RoPE's quarter turn of each pair (c, c + hd/2)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x (b, t, heads, hd) rotated by position: x cos + rotate_half(x) sin."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return x * cos[None, :, None, :] + rotate_half(x) * sin[None, :, None, :]
 
 
 def attention_context(blk: Block, config: LlamaConfig, a, cos, sin, positions, cache, layer: int):
