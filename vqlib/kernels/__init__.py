@@ -20,6 +20,10 @@ from vqlib.kernels._assign.subspaces import BACKENDS as _ASSIGN_SUBSPACES_BACKEN
 from vqlib.kernels._assign.subspaces import assign_subspaces as assign_subspaces
 from vqlib.kernels._dispatch import Impl as Impl
 from vqlib.kernels._dispatch import faiss_available as faiss_available
+from vqlib.kernels._kv_attend.dispatch import BACKENDS as _KIVI_ATTEND_BACKENDS
+from vqlib.kernels._kv_attend.dispatch import kivi_attend as kivi_attend
+from vqlib.kernels._kv_attend.dispatch import kivi_attend_native_ready as kivi_attend_native_ready
+from vqlib.kernels._kv_attend.reference import kivi_attend_reference as kivi_attend_reference
 from vqlib.kernels._lut_matmul.dispatch import BACKENDS as _LUT_MATMUL_BACKENDS
 from vqlib.kernels._lut_matmul.dispatch import lut_matmul as lut_matmul
 from vqlib.kernels._lut_matmul.reference import lut_matmul_reference as lut_matmul_reference
@@ -34,6 +38,7 @@ BACKENDS = {
     "assign_subspaces": _ASSIGN_SUBSPACES_BACKENDS,
     "adc_topk": _ADC_TOPK_BACKENDS,
     "lut_matmul": _LUT_MATMUL_BACKENDS,
+    "kivi_attend": _KIVI_ATTEND_BACKENDS,
 }
 
 

@@ -1,6 +1,7 @@
 """One dispatcher for every kernel op: backend names, the "auto" order per device, lazy imports.
 
 "auto" tries the Pallas backend of the current device first and ends at "xla"; on CPU an op with a
+"native" backend (a C++ FFI handler, `vqlib.kernels._native`) tries it first, and an op with a
 "faiss" backend (faiss-cpu's SIMD / BLAS loops, called through `jax.pure_callback`, so it also
 runs inside jit) tries it first when faiss is importable and the op's `prefer_faiss(args)` says the
 shapes are in the range where it was measured faster. A backend that cannot take the inputs
@@ -18,7 +19,7 @@ from typing import Literal
 
 import jax
 
-Impl = Literal["auto", "xla", "reference", "pallas_gpu", "pallas_tpu", "faiss"]
+Impl = Literal["auto", "xla", "reference", "pallas_gpu", "pallas_tpu", "faiss", "native"]
 PALLAS = ("pallas_gpu", "pallas_tpu")
 _PLATFORM = {"pallas_gpu": ("gpu", "cuda", "rocm"), "pallas_tpu": ("tpu",)}
 
@@ -40,11 +41,14 @@ def faiss_available() -> bool:
 
 def auto_order(backends: Mapping[str, str], use_faiss: bool = False, use_pallas: bool = True) -> tuple[str, ...]:
     """Backends "auto" tries on this device: its Pallas kernel when one exists and `use_pallas`
-    (on CPU, "faiss" when `use_faiss` and faiss is importable), then "xla"."""
+    (on CPU, "faiss" when `use_faiss` and faiss is importable, and a "native" C++ kernel), then
+    "xla" (or "reference" for an op without an XLA backend)."""
     mine = tuple(name for name in PALLAS if use_pallas and name in backends and platform() in _PLATFORM[name])
     if use_faiss and "faiss" in backends and platform() == "cpu" and faiss_available():
         mine = ("faiss", *mine)
-    return (*mine, "xla")
+    if "native" in backends and platform() == "cpu":
+        mine = ("native", *mine)
+    return (*mine, "xla" if "xla" in backends else "reference")
 
 
 def check_impl(

@@ -46,6 +46,7 @@ from vqlib.llm._config import LlamaConfig
 _HIGHEST = lax.Precision.HIGHEST
 _NEG = float(jnp.finfo(jnp.float32).min)
 RULES = ("block", "sliding", "none")
+READS = ("auto", "tiles")
 
 
 # ----------------------------------------------------------------------------- codec base
@@ -82,6 +83,12 @@ class TileCodec:
 
     def finish(self, layer: int, acc, mass):
         return acc
+
+    def native_reader(self, value_codec):
+        """None, or a function (key store, value store, q (b, kvh, r, hd), lo, hi) -> (m, den, acc)
+        reading positions [lo, hi) in one native kernel call where this key codec and
+        `value_codec` have one on this device (what the tile loop computes, as `_online` does)."""
+        return None
 
     def acc_dim(self, hd: int) -> int:
         """Width of `mix`'s accumulator."""
@@ -144,6 +151,8 @@ class CompressedKVCache:
             not "none", recent_values when value_rule is not "none").
         sink: positions always kept in full precision at the start.
         tile: positions per tile of the attention's read of the codes.
+        read: "auto" (a native kernel reads the codes where the codecs have one on this device,
+            `TileCodec.native_reader`; else the tile loop) or "tiles" (always the tile loop).
         window_dtype: "float16" or "float32", how the window and sink are stored.
         description: (name, value) pairs describing the settings (for reports).
     """
@@ -167,6 +176,7 @@ class CompressedKVCache:
     window_slots: int = static_field(0)
     sink: int = static_field(0)
     tile: int = static_field(512)
+    read: str = static_field("auto")
     window_dtype: str = static_field("float16")
     description: tuple = static_field(())
 
@@ -218,9 +228,15 @@ class CompressedKVCache:
             acc = acc * corr[..., None] + vc.mix(layer, vstore, p, start, tile)
             return (m, den, lq), acc
 
-        acc0 = jnp.zeros((b, kvh, g, t, vc.acc_dim(hd)), jnp.float32)
-        num_tiles = (a_end + tile - 1) // tile
-        stats, acc_codec = lax.fori_loop(0, num_tiles, body, (stats, acc0))
+        reader = kc.native_reader(vc) if self.read == "auto" else None
+        if reader is None:
+            acc0 = jnp.zeros((b, kvh, g, t, vc.acc_dim(hd)), jnp.float32)
+            num_tiles = (a_end + tile - 1) // tile
+            stats, acc_codec = lax.fori_loop(0, num_tiles, body, (stats, acc0))
+        else:  # one fused kernel call reads every tile (same result, float rounding aside)
+            m, den, acc = reader(kstore, vstore, qstate.reshape(b, kvh, g * t, -1), S, a_end)
+            stats = (m.reshape(b, kvh, g, t), den.reshape(b, kvh, g, t), den.reshape(b, kvh, g, t))
+            acc_codec = acc.reshape(b, kvh, g, t, -1)
 
         # B: [a_end, a_end + W + t): the recent and the new positions
         n_b = W + t
@@ -389,11 +405,14 @@ def empty_cache(
     value_window: int = 0,
     sink: int = 0,
     tile: int = 512,
+    read: str = "auto",
     window_dtype: str = "float16",
     description: tuple = (),
 ) -> CompressedKVCache:
     """An empty CompressedKVCache with stores sized for max_len (padded to whole tiles)."""
     kvh, hd = config.num_kv_heads, config.head_dim
+    if read not in READS:
+        raise ValueError(f"read must be one of {READS}, got {read!r}")
     for rule in (key_rule, value_rule):
         if rule not in RULES:
             raise ValueError(f"window rule must be one of {RULES}, got {rule!r}")
@@ -412,6 +431,6 @@ def empty_cache(
     return CompressedKVCache(
         key_codec, value_codec, ks, vs, rk, rv, fp(sink), fp(sink), jnp.int32(0),
         config=config, max_len=max_len, method=method, key_rule=key_rule, key_window=key_window,
-        value_rule=value_rule, value_window=value_window, window_slots=window_slots, sink=sink, tile=tile,
+        value_rule=value_rule, value_window=value_window, window_slots=window_slots, sink=sink, tile=tile, read=read,
         window_dtype=window_dtype, description=description,
     )  # fmt: skip

@@ -22,6 +22,7 @@ from jax import lax
 
 from vqlib._types import pytree_dataclass, static_field
 from vqlib.codebooks import pack_codes, unpack_codes
+from vqlib.kernels import kivi_attend, kivi_attend_native_ready
 from vqlib.llm._kv_engine import TileCodec, slice_positions, write_positions
 
 BITS = (2, 4)
@@ -85,6 +86,19 @@ class KIVIKeyCodec(TileCodec):
             scale=write_positions(store["scale"], scale[:, :, 0], first),
             zero=write_positions(store["zero"], zero[:, :, 0], first),
         )
+
+    def native_reader(self, value_codec):
+        paired = isinstance(value_codec, KIVIValueCodec) and value_codec.bits == self.bits
+        if not paired or value_codec.group != self.group or not kivi_attend_native_ready():
+            return None
+
+        def read(kstore, vstore, q, lo, hi):
+            return kivi_attend(
+                q, kstore["codes"], kstore["scale"], kstore["zero"], vstore["codes"], vstore["scale"], vstore["zero"],
+                lo, hi, bits=self.bits, group=self.group, impl="native",
+            )  # fmt: skip
+
+        return read
 
     def dequant(self, layer, store, start, size):
         hd = store["scale"].shape[-1]

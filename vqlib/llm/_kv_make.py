@@ -154,7 +154,9 @@ def make_cache(
             None reads WikiText-2's validation text.
         key: PRNG key (rotations, k-means seeds); default jax.random.key(0).
         **options: per method, all optional:
-            every compressed cache: tile (positions per attention tile, default 512),
+            every compressed cache: tile (positions per attention tile, default 512), read
+                ("auto": a native kernel reads the codes where the cache has one on this
+                device, KIVI on a CPU; "tiles": always XLA's tile loop),
                 window_dtype ("float16" or "float32": how full-precision tokens are stored),
                 sink (the first positions kept in full precision, "attention sinks": 1 for
                 kvquant, 0 for the others);
@@ -209,7 +211,8 @@ def make_cache(
     sink = _checks.check_int(options.pop("sink", 1 if method == "kvquant" else 0), "sink", low=0)
     if sink > max_len:
         raise ValueError(f"sink={sink} keeps more positions in full precision than max_len={max_len} holds")
-    common = dict(batch=batch, max_len=max_len, method=method, tile=tile, sink=sink)
+    read = options.pop("read", "auto")
+    common = dict(batch=batch, max_len=max_len, method=method, tile=tile, sink=sink, read=read)
 
     if method == "kivi":
         if bits is None:
@@ -359,7 +362,8 @@ def empty_like(cache, *, max_len: int | None = None, batch: int | None = None):
         cache.key_codec, cache.value_codec, cache.config,
         batch=batch or cache.length_batch, max_len=max_len or cache.max_len, method=cache.method,
         key_rule=cache.key_rule, key_window=cache.key_window, value_rule=cache.value_rule,
-        value_window=cache.value_window, sink=cache.sink, tile=cache.tile, window_dtype=cache.window_dtype,
+        value_window=cache.value_window, sink=cache.sink, tile=cache.tile, read=cache.read,
+        window_dtype=cache.window_dtype,
         description=cache.description,
     )  # fmt: skip
 
