@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vqlib.codebooks import lloyd_max_codebook
+from vqlib.kernels import kivi_attend_native_ready
 from vqlib.llm import LlamaConfig, Model, attention, forward, generate, init_params, make_cache, perplexity
 from vqlib.llm._generate import prefill_chunks
 from vqlib.llm._kv_make import KVCalibration, cache_storage, empty_like
@@ -607,3 +608,28 @@ def test_pq_tables_do_not_blow_up_a_long_chunk(model, key):
         compiled = _attend_step.lower(cache, q, k, v, 0).compile()
         temps.append(compiled.memory_analysis().temp_size_in_bytes)
     assert temps[0] <= 1.2 * temps[1], temps
+
+
+CFG64 = LlamaConfig(vocab_size=64, dim=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, hidden_dim=64)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_native_read_equals_attention_over_decoded_and_the_tile_loop(bits, key):
+    """At a head_dim the C++ kernel is compiled for, a decode step reads the codes older than the
+    window through it: the same float64 reference and the same result as the XLA tile loop."""
+    if not kivi_attend_native_ready(64, 32):
+        pytest.skip("the native KIVI kernel is not available here (no C++ compiler or not a CPU)")
+    model64 = Model(CFG64, init_params(jax.random.key(0), CFG64))
+    kq, kk, kv = jax.random.split(key, 3)
+    t = 150
+    q = jax.random.normal(kq, (1, t, 4, 64))
+    k = jax.random.normal(kk, (1, t, 2, 64)) + 3.0 * (jnp.arange(64) % 7 == 0).astype(jnp.float32).reshape(1, 1, 1, 64)
+    v = jax.random.normal(kv, (1, t, 2, 64))
+    outs = {}
+    for read in ("auto", "tiles"):
+        cache = make_cache(model64, "kivi", bits=bits, max_len=160, window=32, read=read, tile=64)
+        outs[read], cache = _attend(cache, q, k, v, [100, 1, 1, 48])
+    np.testing.assert_allclose(np.asarray(outs["auto"][0]), _reference(cache, q, k, v), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(outs["auto"]), np.asarray(outs["tiles"]), atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="read must be one of"):
+        make_cache(model64, "kivi", bits=bits, max_len=160, read="fast")

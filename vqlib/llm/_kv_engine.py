@@ -84,7 +84,7 @@ class TileCodec:
     def finish(self, layer: int, acc, mass):
         return acc
 
-    def native_reader(self, value_codec):
+    def native_reader(self, value_codec, head_dim: int):
         """None, or a function (key store, value store, q (b, kvh, r, hd), lo, hi) -> (m, den, acc)
         reading positions [lo, hi) in one native kernel call where this key codec and
         `value_codec` have one on this device (what the tile loop computes, as `_online` does)."""
@@ -228,7 +228,7 @@ class CompressedKVCache:
             acc = acc * corr[..., None] + vc.mix(layer, vstore, p, start, tile)
             return (m, den, lq), acc
 
-        reader = kc.native_reader(vc) if self.read == "auto" else None
+        reader = kc.native_reader(vc, hd) if self.read == "auto" else None
         if reader is None:
             acc0 = jnp.zeros((b, kvh, g, t, vc.acc_dim(hd)), jnp.float32)
             num_tiles = (a_end + tile - 1) // tile

@@ -87,9 +87,9 @@ class KIVIKeyCodec(TileCodec):
             zero=write_positions(store["zero"], zero[:, :, 0], first),
         )
 
-    def native_reader(self, value_codec):
+    def native_reader(self, value_codec, head_dim):
         paired = isinstance(value_codec, KIVIValueCodec) and value_codec.bits == self.bits
-        if not paired or value_codec.group != self.group or not kivi_attend_native_ready():
+        if not paired or value_codec.group != self.group or not kivi_attend_native_ready(head_dim, self.group):
             return None
 
         def read(kstore, vstore, q, lo, hi):

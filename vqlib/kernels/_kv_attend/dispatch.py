@@ -14,10 +14,11 @@ BACKENDS = {
 }
 
 
-def kivi_attend_native_ready() -> bool:
-    """Whether "auto" runs the C++ kernel here (a CPU and a built handler); when it does not, the
-    KV cache reads its codes in XLA tiles instead (same result)."""
-    return native.available()
+def kivi_attend_native_ready(head_dim: int, group: int) -> bool:
+    """Whether "auto" runs the C++ kernel here for this head_dim and group (a CPU, a built handler
+    and a compiled instance of the shapes); when it does not, the KV cache reads its codes in XLA
+    tiles instead (same result)."""
+    return head_dim in native.HEAD_DIMS and group in native.GROUPS and native.available()
 
 
 def kivi_attend(
