@@ -1,5 +1,7 @@
 """vqlib.kernels.kivi_attend (the C++ kernel and the jnp reference) against a float64 numpy oracle."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,27 @@ def test_bad_arguments_raise():
         kivi_attend(q, **st, lo=0, hi=8, bits=4, group=5)
     with pytest.raises(ValueError, match="impl must be one of"):
         kivi_attend(q, **st, lo=0, hi=8, bits=4, group=16, impl="pallas_gpu")
+
+
+def test_native_builds_are_cached_and_failures_say_why(monkeypatch, tmp_path):
+    """A build is keyed and reused; no compiler, VQLIB_NATIVE=off and a source that does not
+    compile each give None and the reason (the dispatcher then uses the other backends)."""
+    from vqlib.kernels import _native
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build = _native._build.__wrapped__
+    monkeypatch.setenv(_native.ENV, "off")
+    assert build(native.SOURCE) == (None, "native kernels are off (environment variable VQLIB_NATIVE=off)")
+    monkeypatch.delenv(_native.ENV)
+    if _native.compiler() is None:
+        pytest.skip("no C++ compiler here")
+    bad = tmp_path / "bad.cc"
+    bad.write_text("int main( {")
+    path, why = build(str(bad))
+    assert path is None and "building bad.cc failed" in why
+    first, why = build(native.SOURCE)
+    assert why == "" and first.startswith(str(tmp_path / "vqlib" / "native"))
+    assert build(native.SOURCE) == (first, "")  # the same key: loaded, not rebuilt
+    assert [f.name for f in (tmp_path / "vqlib" / "native").iterdir()] == [pathlib.Path(first).name]
+    monkeypatch.setattr(_native, "compiler", lambda: None)
+    assert build(native.SOURCE)[1].startswith("no C++ compiler found")

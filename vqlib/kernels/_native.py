@@ -82,9 +82,12 @@ def _build(source: str) -> tuple[str | None, str]:
     target = out_dir / f"{src.stem}-{key}.so"
     if target.exists():
         return str(target), ""
-    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+    except OSError as e:
+        return None, f"cannot write the library to {out_dir}: {e} (set XDG_CACHE_HOME to a writable folder)"
     cmd = [cxx, *FLAGS, "-isystem", include, str(src), "-o", tmp]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -94,7 +97,7 @@ def _build(source: str) -> tuple[str | None, str]:
     if run.returncode != 0:
         os.unlink(tmp)
         return None, f"building {src.name} failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}"
-    os.replace(tmp, target)
+    os.replace(tmp, target)  # atomic: another process building the same key wrote the same bytes
     return str(target), ""
 
 
@@ -105,8 +108,11 @@ def _registered(source: str, symbol: str, target_name: str) -> str:
     path, why = _build(source)
     if path is None:
         return why
-    lib = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(target_name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    try:
+        handler = getattr(ctypes.cdll.LoadLibrary(path), symbol)
+    except (OSError, AttributeError) as e:
+        return f"loading {path} failed: {e}"
+    jax.ffi.register_ffi_target(target_name, jax.ffi.pycapsule(handler), platform="cpu")
     return ""
 
 
