@@ -65,7 +65,7 @@ def kivi_attend(
         >>> import jax.numpy as jnp
         >>> from vqlib.kernels import kivi_attend
         >>> codes = jnp.full((1, 32, 1, 4), 0x11, jnp.uint8)  # every code 1, hd = 8 at 4 bits
-        >>> ones = jnp.ones((1, 1, 1, 8), jnp.float16)
+        >>> ones = jnp.ones((1, 4, 1, 8), jnp.float16)  # 32 positions in groups of 8
         >>> m, den, acc = kivi_attend(jnp.ones((1, 1, 1, 8)), codes, ones, 0 * ones, codes,
         ...                           jnp.ones((1, 32, 1, 1), jnp.float16), jnp.zeros((1, 32, 1, 1), jnp.float16),
         ...                           0, 10, bits=4, group=8)
